@@ -1,0 +1,318 @@
+"""Dense activation arrays: one Zarr v3 array per (run, hook), rows = tokens.
+
+Layout choices, measured on 2-core VMs (see ``docs/FORMAT.md``):
+
+* **Chunks** of about 1 MiB of whole rows (all columns in one chunk: a row is
+  read in one piece), **shards** of 32 chunks so a large run is not a million
+  files. Writers write whole shards (see ``writer.py``): a partial write of a
+  sharded array re-reads and re-writes the whole shard.
+* **Codecs**: ``bytes`` then, for float32, ``zstd`` level 1 (about 1.5x), and
+  always ``crc32c`` so a damaged chunk is detected, never read. 16-bit data is
+  stored uncompressed by default: zstd gains only ~1.09x on float16 and costs
+  the raw-chunk layout that fast random row reads rely on. ``compression=`` picks.
+* **bfloat16** is not a Zarr data type: it is stored as ``uint16`` with the real
+  dtype in the array attribute ``actstore_dtype`` and returned as
+  ``ml_dtypes.bfloat16`` (numpy) or ``torch.bfloat16``.
+
+Example
+-------
+>>> import tempfile, numpy as np
+>>> root = tempfile.mkdtemp()
+>>> arr = create_array(root, "arrays/run000001/h", d=4, dtype="float16", capacity=10)
+>>> write_rows(arr, 0, np.ones((3, 4), np.float16))
+>>> read_rows(arr, np.array([0, 2])).shape
+(2, 4)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
+
+from actstore.errors import CorruptChunkError, InputError
+
+#: Storage dtypes a run can choose, and the numpy dtype each is read as.
+STORE_DTYPES: dict[str, np.dtype[Any]] = {
+    "float16": np.dtype(np.float16),
+    "float32": np.dtype(np.float32),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+}
+_ON_DISK = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
+COMPRESSIONS = ("none", "zstd", "blosc")
+TARGET_CHUNK_BYTES = 1 << 20
+CHUNKS_PER_SHARD = 32
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """How an array is cut into chunks and shards and encoded."""
+
+    chunk_rows: int
+    """Rows per inner chunk (all columns)."""
+    shard_rows: int
+    """Rows per shard file: a multiple of ``chunk_rows``."""
+    compression: str
+    """``none``, ``zstd`` (level 1) or ``blosc`` (zstd level 1 with byte shuffle)."""
+
+
+def check_dtype(dtype: str) -> str:
+    """Return ``dtype`` if it is a storage dtype, else raise a clear error.
+
+    Example
+    -------
+    >>> check_dtype("bfloat16")
+    'bfloat16'
+    """
+    if dtype not in STORE_DTYPES:
+        raise InputError(
+            f"store dtype {dtype!r} is not supported; choose one of {sorted(STORE_DTYPES)}"
+        )
+    return dtype
+
+
+def default_layout(d: int, dtype: str, compression: str | None = None) -> Layout:
+    """The chunking and codec for a width ``d`` and a storage dtype.
+
+    Example
+    -------
+    >>> default_layout(768, "float16")
+    Layout(chunk_rows=512, shard_rows=16384, compression='none')
+    """
+    itemsize = STORE_DTYPES[check_dtype(dtype)].itemsize
+    rows = max(1, TARGET_CHUNK_BYTES // max(1, d * itemsize))
+    chunk_rows = 1 << (rows.bit_length() - 1)  # a power of two, for aligned batches
+    if compression is None:
+        compression = "zstd" if dtype == "float32" else "none"
+    if compression not in COMPRESSIONS:
+        raise InputError(f"compression {compression!r} unknown; choose one of {COMPRESSIONS}")
+    return Layout(chunk_rows, chunk_rows * CHUNKS_PER_SHARD, compression)
+
+
+def _compressors(compression: str, itemsize: int) -> list[Any]:
+    if compression == "zstd":
+        return [ZstdCodec(level=1), Crc32cCodec()]
+    if compression == "blosc":
+        return [
+            BloscCodec(
+                cname="zstd", clevel=1, shuffle=BloscShuffle.shuffle, typesize=itemsize,
+                blocksize=1 << 20,
+            ),
+            Crc32cCodec(),
+        ]
+    return [Crc32cCodec()]
+
+
+def create_array(
+    root: str | Path,
+    relpath: str,
+    *,
+    d: int,
+    dtype: str,
+    capacity: int,
+    layout: Layout | None = None,
+    attributes: dict[str, Any] | None = None,
+) -> zarr.Array:
+    """Create (or open, if it exists with the same layout) the array at ``root/relpath``.
+
+    Parameters
+    ----------
+    d
+        Columns (the hook's width).
+    dtype
+        Storage dtype: ``float16``, ``float32`` or ``bfloat16``.
+    capacity
+        Initial number of rows; writers grow it with :func:`ensure_capacity`.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> a = create_array(tempfile.mkdtemp(), "a", d=8, dtype="bfloat16", capacity=4)
+    >>> a.dtype, a.attrs["actstore_dtype"]
+    (dtype('uint16'), 'bfloat16')
+    """
+    layout = layout or default_layout(d, dtype)
+    path = Path(root) / relpath
+    if (path / "zarr.json").exists():
+        return open_array(root, relpath)
+    attrs = {"actstore_dtype": dtype, **(attributes or {})}
+    itemsize = STORE_DTYPES[dtype].itemsize
+    return zarr.create_array(
+        store=str(path),
+        shape=(max(capacity, 0), d),
+        chunks=(layout.chunk_rows, d),
+        shards=(layout.shard_rows, d),
+        dtype=_ON_DISK[dtype],
+        compressors=_compressors(layout.compression, itemsize),
+        fill_value=0,
+        attributes=attrs,
+        config={"write_empty_chunks": True},
+    )
+
+
+def open_array(root: str | Path, relpath: str, mode: str = "r+") -> zarr.Array:
+    """Open an existing array.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> r = tempfile.mkdtemp(); _ = create_array(r, "a", d=2, dtype="float32", capacity=1)
+    >>> open_array(r, "a", mode="r").shape
+    (1, 2)
+    """
+    return zarr.open_array(
+        store=str(Path(root) / relpath), mode=mode, config={"write_empty_chunks": True}
+    )
+
+
+def logical_dtype(arr: zarr.Array) -> str:
+    """The dtype the array's values mean (``bfloat16`` for a uint16-stored array).
+
+    Example
+    -------
+    >>> import tempfile
+    >>> logical_dtype(create_array(tempfile.mkdtemp(), "a", d=2, dtype="float16", capacity=1))
+    'float16'
+    """
+    return str(arr.attrs.get("actstore_dtype", str(arr.dtype)))
+
+
+def to_disk(data: np.ndarray, dtype: str) -> np.ndarray:
+    """Cast ``data`` (N, D) to the storage dtype and return its on-disk view.
+
+    Accepts any float array, or a ``uint16`` array already holding bfloat16 bits.
+
+    Example
+    -------
+    >>> to_disk(np.array([[1.5]], np.float32), "bfloat16").dtype
+    dtype('uint16')
+    """
+    if dtype == "bfloat16":
+        if data.dtype == np.uint16:
+            return data
+        if data.dtype != STORE_DTYPES["bfloat16"]:
+            data = data.astype(STORE_DTYPES["bfloat16"])
+        return data.view(np.uint16)
+    return data.astype(STORE_DTYPES[dtype], copy=False)
+
+
+def from_disk(data: np.ndarray, dtype: str) -> np.ndarray:
+    """View on-disk data as its logical dtype (no copy).
+
+    Example
+    -------
+    >>> from_disk(np.array([[16320]], np.uint16), "bfloat16").astype(float)
+    array([[1.5]])
+    """
+    return data.view(STORE_DTYPES["bfloat16"]) if dtype == "bfloat16" else data
+
+
+def ensure_capacity(arr: zarr.Array, rows: int) -> None:
+    """Grow the array to at least ``rows`` rows (doubling, to keep resizes rare).
+
+    Example
+    -------
+    >>> import tempfile
+    >>> a = create_array(tempfile.mkdtemp(), "a", d=2, dtype="float16", capacity=1)
+    >>> ensure_capacity(a, 5); a.shape[0] >= 5
+    True
+    """
+    if arr.shape[0] < rows:
+        arr.resize((max(rows, 2 * arr.shape[0]), arr.shape[1]))
+
+
+def write_rows(arr: zarr.Array, start: int, data: np.ndarray) -> None:
+    """Write ``data`` (N, D) into rows ``[start, start + N)``, growing the array if needed.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> a = create_array(tempfile.mkdtemp(), "a", d=2, dtype="float32", capacity=0)
+    >>> write_rows(a, 0, np.eye(2, dtype=np.float32)); a[:].tolist()
+    [[1.0, 0.0], [0.0, 1.0]]
+    """
+    if data.ndim != 2 or data.shape[1] != arr.shape[1]:
+        raise InputError(
+            f"array {arr.path or arr.store}: got rows of shape {data.shape}, expected (N, {arr.shape[1]})"
+        )
+    ensure_capacity(arr, start + data.shape[0])
+    arr[start : start + data.shape[0]] = to_disk(data, logical_dtype(arr))
+
+
+def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
+    """Split sorted unique rows into maximal contiguous [a, b) runs."""
+    if rows.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    ends = np.concatenate([breaks, [rows.size]])
+    return [(int(rows[s]), int(rows[e - 1]) + 1) for s, e in zip(starts, ends, strict=True)]
+
+
+def _locate_corruption(arr: zarr.Array, rows: np.ndarray, name: str, err: Exception) -> Exception:
+    chunk_rows = arr.chunks[0]
+    shard_rows = arr.shards[0] if arr.shards else chunk_rows
+    for c in np.unique(rows // chunk_rows):
+        a, b = int(c) * chunk_rows, min((int(c) + 1) * chunk_rows, arr.shape[0])
+        try:
+            arr[a:b]
+        except Exception as e:
+            shard = a // shard_rows
+            return CorruptChunkError(
+                f"array {name}: chunk {int(c)} (rows {a}-{b - 1}, in shard file c/{shard}/0) "
+                f"is corrupt ({e}); its data cannot be trusted: re-ingest this run into a new store "
+                "or restore the file from a backup"
+            )
+    return CorruptChunkError(f"array {name}: reading rows failed ({err})")
+
+
+def read_rows(
+    arr: zarr.Array, rows: np.ndarray | slice, *, name: str | None = None, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Read rows (any order, repeats allowed) in their logical dtype.
+
+    Only the chunks that hold the rows are read. A chunk whose checksum fails raises
+    :class:`CorruptChunkError` naming the array and chunk; wrong numbers are never
+    returned.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> a = create_array(tempfile.mkdtemp(), "a", d=1, dtype="float32", capacity=0)
+    >>> write_rows(a, 0, np.arange(5, dtype=np.float32)[:, None])
+    >>> read_rows(a, np.array([4, 0, 4]))[:, 0].tolist()
+    [4.0, 0.0, 4.0]
+    """
+    dtype = logical_dtype(arr)
+    name = name or str(arr.store)
+    if isinstance(rows, slice):
+        rows = np.arange(*rows.indices(arr.shape[0]))
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.size and (rows.min() < 0 or rows.max() >= arr.shape[0]):
+        raise InputError(f"array {name}: rows outside 0-{arr.shape[0] - 1} requested")
+    uniq, inverse = np.unique(rows, return_inverse=True)
+    buf = np.empty((uniq.size, arr.shape[1]), dtype=arr.dtype)
+    try:
+        pos = 0
+        runs = _runs(uniq)
+        if len(runs) <= max(8, uniq.size // 64):
+            for a, b in runs:
+                buf[pos : pos + b - a] = arr[a:b]
+                pos += b - a
+        elif uniq.size:
+            buf[:] = arr.get_orthogonal_selection((uniq, slice(None)))
+    except CorruptChunkError:
+        raise
+    except Exception as e:
+        raise _locate_corruption(arr, uniq, name, e) from e
+    result = buf if uniq.size == rows.size and np.array_equal(uniq, rows) else buf[inverse]
+    result = from_disk(result, dtype)
+    if out is not None:
+        out[...] = result
+        return out
+    return result

@@ -1,0 +1,124 @@
+"""Sparse SAE feature activations: (row, feature, value) parts in Parquet.
+
+An SAE's L0 is tens of features out of thousands, so only nonzeros are stored,
+one Parquet part per committed flush of a (run, SAE), sorted by (row, feature),
+zstd-compressed. A part is written under a temporary name and renamed into
+place; it exists for readers only once the catalog's ``feature_files`` lists it,
+which happens in the same transaction as the rows' tokens. Aggregates must count
+the implicit zeros: see ``actstore.queries``.
+
+Example
+-------
+>>> import tempfile, numpy as np
+>>> root = tempfile.mkdtemp()
+>>> rel = write_part(root, run_id=1, sae_id=1, first_row=0,
+...                  rows=np.array([0, 0, 2]), features=np.array([5, 9, 5]),
+...                  values=np.array([1.0, 0.5, 2.0], np.float32))
+>>> read_part(root, rel).num_rows
+3
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from actstore.errors import InputError
+from actstore.store.format import feature_dir_relpath
+
+#: Columns of every part. ``run_id`` and ``sae_id`` are constant within a part
+#: (they cost nothing after dictionary encoding) so a glob of parts is self-describing.
+SCHEMA = pa.schema(
+    [
+        ("run_id", pa.int32()),
+        ("sae_id", pa.int32()),
+        ("row", pa.int64()),
+        ("feature", pa.int32()),
+        ("value", pa.float32()),
+    ]
+)
+
+
+def part_relpath(run_id: int, sae_id: int, first_row: int) -> str:
+    """The path of the part that starts at ``first_row``.
+
+    Example
+    -------
+    >>> part_relpath(1, 2, 300)
+    'features/run000001/sae000002/part-000000000300.parquet'
+    """
+    return f"{feature_dir_relpath(run_id, sae_id)}/part-{first_row:012d}.parquet"
+
+
+def write_part(
+    root: str | Path,
+    *,
+    run_id: int,
+    sae_id: int,
+    first_row: int,
+    rows: np.ndarray,
+    features: np.ndarray,
+    values: np.ndarray,
+) -> str:
+    """Write one part atomically and return its path relative to ``root``.
+
+    Rows are global row numbers of the run. Zero values are dropped.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> write_part(tempfile.mkdtemp(), run_id=1, sae_id=1, first_row=0,
+    ...            rows=np.array([0]), features=np.array([3]), values=np.array([1.0]))
+    'features/run000001/sae000001/part-000000000000.parquet'
+    """
+    rows = np.asarray(rows, np.int64)
+    features = np.asarray(features, np.int32)
+    values = np.asarray(values, np.float32)
+    if not rows.shape == features.shape == values.shape or rows.ndim != 1:
+        raise InputError(
+            f"feature rows, features and values must be 1-D and equally long; got "
+            f"{rows.shape}, {features.shape}, {values.shape}"
+        )
+    keep = values != 0
+    rows, features, values = rows[keep], features[keep], values[keep]
+    order = np.lexsort((features, rows))
+    n = rows.size
+    table = pa.table(
+        {
+            "run_id": pa.array(np.full(n, run_id, np.int32)),
+            "sae_id": pa.array(np.full(n, sae_id, np.int32)),
+            "row": pa.array(rows[order]),
+            "feature": pa.array(features[order]),
+            "value": pa.array(values[order]),
+        },
+        schema=SCHEMA,
+    )
+    rel = part_relpath(run_id, sae_id, first_row)
+    path = Path(root) / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    pq.write_table(table, tmp, compression="zstd", row_group_size=1 << 20)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return rel
+
+
+def read_part(root: str | Path, relpath: str) -> pa.Table:
+    """Read one part.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> r = tempfile.mkdtemp()
+    >>> rel = write_part(r, run_id=1, sae_id=1, first_row=0, rows=np.array([1]),
+    ...                  features=np.array([2]), values=np.array([3.0]))
+    >>> read_part(r, rel).column("feature").to_pylist()
+    [2]
+    """
+    return pq.read_table(Path(root) / relpath, schema=SCHEMA)

@@ -1,0 +1,148 @@
+"""One SQL session per store: the catalog's tables plus views over rows and features.
+
+The session is an in-memory DuckDB connection. For each statement it attaches
+the catalog read-only (as ``cat``), refreshes its views if something was
+committed since the last statement, runs the statement, and detaches. Names
+resolve first in the session (views, macros, functions) and then in the
+catalog, so ``SELECT * FROM tokens`` and ``SELECT * FROM features`` both work.
+
+Views:
+
+``features``
+    (run_id, sae_id, row, feature, value) over the committed Parquet parts.
+``feature_acts``
+    ``features`` with the run's name and the SAE's name, hook and layer.
+``labeled_tokens``
+    every token joined to its run and its prompt's text and label columns,
+    so ``WHERE triggered AND position_role = 'last'`` works.
+
+Other packages add macros and functions with :func:`register_extension`
+(``actstore.queries`` adds the named queries and array functions).
+
+Example
+-------
+>>> import tempfile, actstore
+>>> st = actstore.open(tempfile.mkdtemp(), create=True)
+>>> st.sql("SELECT count(*) AS n FROM labeled_tokens").fetchall()
+[(0,)]
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import duckdb
+import pyarrow as pa
+
+from actstore.errors import InputError
+from actstore.store.catalog import query_arrow
+
+if TYPE_CHECKING:
+    from actstore.store.store import Store
+
+SessionExtension = Callable[[duckdb.DuckDBPyConnection, "Store"], None]
+_EXTENSIONS: list[SessionExtension] = []
+
+_EMPTY_FEATURES = (
+    "SELECT NULL::INTEGER AS run_id, NULL::INTEGER AS sae_id, NULL::BIGINT AS row, "
+    "NULL::INTEGER AS feature, NULL::FLOAT AS value WHERE false"
+)
+
+
+def register_extension(fn: SessionExtension) -> SessionExtension:
+    """Register ``fn(con, store)``, called once per new session after its views exist.
+
+    Example
+    -------
+    >>> @register_extension
+    ... def _answer(con, store):
+    ...     con.execute("CREATE OR REPLACE MACRO answer() AS 42")
+    >>> _EXTENSIONS.remove(_answer)
+    """
+    if fn not in _EXTENSIONS:
+        _EXTENSIONS.append(fn)
+    return fn
+
+
+class Session:
+    """The DuckDB session of one :class:`~actstore.Store`.
+
+    Example
+    -------
+    >>> s = Session(st)  # doctest: +SKIP
+    >>> s.execute("SELECT 1").to_pylist()  # doctest: +SKIP
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.con = duckdb.connect()
+        self._lock = threading.RLock()
+        self._seq: object = None
+        self._extended = False
+
+    @contextmanager
+    def connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """Yield the session connection with the catalog attached and views fresh."""
+        with self._lock, self.store.catalog.attached(self.con):
+            self._refresh()
+            yield self.con
+
+    def execute(
+        self, query: str, params: Sequence[Any] | dict[str, Any] | None = None
+    ) -> pa.Table:
+        """Run one statement and return its result as Arrow.
+
+        Example
+        -------
+        >>> Session(st).execute("SELECT count(*) FROM runs")  # doctest: +SKIP
+        """
+        with self.connection() as con:
+            try:
+                return query_arrow(con, query, params)
+            except duckdb.Error as e:
+                raise InputError(f"SQL error: {str(e).splitlines()[0]}\n  in: {query.strip()[:500]}") from e
+
+    def _refresh(self) -> None:
+        con = self.con
+        seq = con.execute("SELECT value FROM cat.meta WHERE key = 'commit_seq'").fetchall()
+        if seq == self._seq:
+            return
+        con.execute("SET search_path = 'memory.main,cat.main'")
+        root = str(self.store.root)
+        parts = [
+            f"{root}/{r[0]}"
+            for r in con.execute("SELECT path FROM cat.feature_files ORDER BY run_id, sae_id, first_row").fetchall()
+        ]
+        if parts:
+            listing = ", ".join("'" + p.replace("'", "''") + "'" for p in parts)
+            src = f"SELECT run_id, sae_id, row, feature, value FROM read_parquet([{listing}])"
+        else:
+            src = _EMPTY_FEATURES
+        con.execute(f"CREATE OR REPLACE VIEW features AS {src}")
+        con.execute(
+            """CREATE OR REPLACE VIEW feature_acts AS
+            SELECT f.run_id, r.name AS run, f.sae_id, s.name AS sae, s.hook, s.layer,
+                   f.row, f.feature, f.value
+            FROM features f JOIN cat.main.runs r USING (run_id) JOIN cat.main.saes s USING (sae_id)"""
+        )
+        con.execute(
+            """CREATE OR REPLACE VIEW labeled_tokens AS
+            SELECT t.*, r.name AS run, r.checkpoint_id, r.prompt_set_id,
+                   p.* EXCLUDE (prompt_set_id, prompt_idx)
+            FROM cat.main.tokens t
+            JOIN cat.main.runs r USING (run_id)
+            LEFT JOIN cat.main.prompts p
+              ON p.prompt_set_id = r.prompt_set_id AND p.prompt_idx = t.prompt_idx"""
+        )
+        if not self._extended:
+            for ext in _EXTENSIONS:
+                ext(con, self.store)
+            self._extended = True
+        self._seq = seq
+
+    def close(self) -> None:
+        """Close the in-memory connection."""
+        self.con.close()

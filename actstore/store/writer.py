@@ -1,0 +1,423 @@
+"""Atomic, resumable appends of batches to one run.
+
+A batch is the unit of work of an ingest: its array rows (one block per hook),
+its sparse feature rows, its tokens and its generations and scores. The commit
+protocol makes a batch visible all at once or not at all:
+
+1. array rows are written into the run's Zarr arrays (rows beyond the catalog's
+   ``arrays.n_rows`` are invisible to every reader);
+2. feature parts are written under a temporary name and renamed into place
+   (parts not listed in ``feature_files`` are invisible, and removed on recovery);
+3. one catalog transaction inserts the tokens, batches, feature_files,
+   generations and scores rows and advances ``arrays.n_rows``.
+
+A process killed before step 3 leaves the store as it was. Arrays are sharded,
+and a partial write of a shard re-reads and re-writes it, so the writer buffers
+rows and writes whole shards; a batch is committed once all its rows are on disk.
+To bound how much work a kill can lose, it also flushes (writing the partial
+last shard) every ``commit_interval`` seconds and on :meth:`RunWriter.close`.
+
+Example
+-------
+>>> import tempfile, numpy as np, actstore
+>>> from actstore.store import objects
+>>> st = actstore.open(tempfile.mkdtemp(), create=True)
+>>> run = objects.create_run(st, name="r", hooks={"blocks.0.hook_resid_post": (0, 4)})
+>>> with st.writer(run) as w:
+...     w.append(arrays={"blocks.0.hook_resid_post": np.ones((2, 4), np.float32)},
+...              tokens={"prompt_idx": [0, 0], "position": [0, 1], "row": [0, 1]},
+...              first_prompt=0, n_prompts=1)
+>>> st.acts("r", "blocks.0.hook_resid_post").numpy().shape
+(2, 4)
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from actstore.errors import InputError
+from actstore.store import arrays as _arrays
+from actstore.store import features as _features
+
+if TYPE_CHECKING:
+    import zarr
+
+    from actstore.store.store import Store
+
+#: Columns of the ``tokens`` table a batch provides (``run_id`` is added).
+TOKEN_COLUMNS: dict[str, pa.DataType] = {
+    "prompt_idx": pa.int32(),
+    "position": pa.int32(),
+    "token_id": pa.int32(),
+    "token_text": pa.string(),
+    "position_role": pa.string(),
+    "pos_from_end": pa.int32(),
+    "in_span": pa.bool_(),
+    "is_completion": pa.bool_(),
+    "row": pa.int64(),
+}
+
+
+@dataclass
+class _Pending:
+    batch_idx: int
+    first_prompt: int
+    n_prompts: int
+    first_row: int
+    n_rows: int
+    tokens: pa.Table
+    features: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]
+    generations: pa.Table | None
+    scores: pa.Table | None
+
+
+@dataclass
+class _HookBuffer:
+    arr: zarr.Array
+    name: str
+    shard_rows: int
+    start: int  # global row of blocks[0][0]; always a shard boundary
+    blocks: list[np.ndarray] = field(default_factory=list)
+    disk_rows: int = 0  # rows [0, disk_rows) are durable on disk
+
+    @property
+    def end(self) -> int:
+        return self.start + sum(b.shape[0] for b in self.blocks)
+
+    def write(self, partial: bool) -> None:
+        end = self.end
+        upto = end if partial else (end // self.shard_rows) * self.shard_rows
+        if upto <= max(self.start, self.disk_rows):
+            return
+        data = np.concatenate(self.blocks) if len(self.blocks) > 1 else self.blocks[0]
+        _arrays.write_rows(self.arr, self.start, data[: upto - self.start])
+        self.disk_rows = upto
+        keep_from = (upto // self.shard_rows) * self.shard_rows  # start of the open shard
+        rest = data[keep_from - self.start :]
+        self.blocks = [rest] if rest.shape[0] else []
+        self.start = keep_from
+
+
+def _as_table(data: pa.Table | Mapping[str, Any] | None, what: str) -> pa.Table | None:
+    if data is None:
+        return None
+    if isinstance(data, pa.Table):
+        return data
+    try:
+        return pa.table(dict(data))
+    except (pa.ArrowInvalid, TypeError, ValueError) as e:
+        raise InputError(f"{what}: columns must be equally long arrays ({e})") from e
+
+
+class RunWriter:
+    """Appends batches to one run; see the module docstring for the protocol.
+
+    Obtain one with :meth:`actstore.Store.writer`; use it as a context manager so
+    the last partial shard is flushed and committed.
+
+    Parameters
+    ----------
+    store
+        A store opened for writing.
+    run_id
+        The run to append to (made by :func:`actstore.store.objects.create_run`).
+    commit_interval
+        Seconds after which buffered batches are flushed and committed even if
+        they do not fill a shard.
+    """
+
+    def __init__(
+        self, store: Store, run_id: int, *, commit_interval: float = 30.0, lock: WriteLock | None = None
+    ) -> None:
+        self.store = store
+        self._lock = lock
+        self.run_id = run_id
+        self.commit_interval = commit_interval
+        self._before_commit: Callable[[], None] | None = None  # test hook: kill point
+        info = store.catalog.read(
+            "SELECT hook, path, n_rows, shard_rows FROM arrays WHERE run_id = ? ORDER BY hook",
+            [run_id],
+        ).to_pylist()
+        last = store.catalog.read(
+            "SELECT coalesce(max(batch_idx), -1) AS b, coalesce(max(first_row + n_rows), 0) AS r "
+            "FROM batches WHERE run_id = ?",
+            [run_id],
+        ).to_pylist()[0]
+        self.next_batch = int(last["b"]) + 1
+        self.committed_rows = int(last["r"])
+        self._buffers: dict[str, _HookBuffer] = {}
+        for a in info:
+            if int(a["n_rows"]) != self.committed_rows:
+                raise InputError(
+                    f"run {run_id}: array {a['hook']} has {a['n_rows']} committed rows but the "
+                    f"run's batches cover {self.committed_rows}; the catalog is inconsistent"
+                )
+            arr = _arrays.open_array(store.root, a["path"])
+            shard = int(a["shard_rows"])
+            start = (self.committed_rows // shard) * shard
+            buf = _HookBuffer(arr, a["hook"], shard, start, disk_rows=self.committed_rows)
+            if start < self.committed_rows:  # resume inside a shard: keep its committed head
+                head = arr[start : self.committed_rows]
+                buf.blocks.append(np.asarray(head))
+            self._buffers[a["hook"]] = buf
+        self._pending: list[_Pending] = []
+        self._next_row = self.committed_rows
+        self._last_commit = time.monotonic()
+
+    @property
+    def hooks(self) -> list[str]:
+        """The hooks of the run, in catalog order."""
+        return list(self._buffers)
+
+    def append(
+        self,
+        *,
+        arrays: Mapping[str, np.ndarray],
+        tokens: pa.Table | Mapping[str, Any],
+        first_prompt: int,
+        n_prompts: int,
+        features: Mapping[int, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
+        generations: pa.Table | Mapping[str, Any] | None = None,
+        scores: pa.Table | Mapping[str, Any] | None = None,
+    ) -> None:
+        """Queue one batch; it is committed by a later flush (automatic) or :meth:`close`.
+
+        Parameters
+        ----------
+        arrays
+            Hook name -> (N, D) rows of the batch, one per hook of the run.
+        tokens
+            Columns of :data:`TOKEN_COLUMNS` (missing ones are NULL); ``row`` is
+            batch-local (0..N-1) or NULL for tokens whose activations are not stored.
+        first_prompt, n_prompts
+            Which prompts (by ``prompt_idx``) the batch completes.
+        features
+            SAE id -> (batch-local rows, feature ids, values) of nonzeros.
+        generations, scores
+            Rows for the ``generations`` and ``scores`` tables (without ``run_id``).
+
+        Example
+        -------
+        >>> w.append(arrays={"h": acts_ND}, tokens=tok, first_prompt=0, n_prompts=4)  # doctest: +SKIP
+        """
+        missing = set(self._buffers) - set(arrays)
+        extra = set(arrays) - set(self._buffers)
+        if missing or extra:
+            raise InputError(
+                f"run {self.run_id}: batch arrays must cover exactly the run's hooks "
+                f"{sorted(self._buffers)}; missing {sorted(missing)}, unexpected {sorted(extra)}"
+            )
+        sizes = {h: a.shape[0] for h, a in arrays.items()}
+        tok = _as_table(tokens, "tokens")
+        assert tok is not None
+        n_rows = tok.num_rows - tok.column("row").null_count if "row" in tok.column_names else 0
+        if sizes and set(sizes.values()) != {n_rows}:
+            raise InputError(
+                f"run {self.run_id}: each hook needs one row per stored token ({n_rows}); got {sizes}"
+            )
+        first_row = self._next_row
+        for h, a in arrays.items():
+            self._buffers[h].blocks.append(np.ascontiguousarray(a))
+        self._pending.append(
+            _Pending(
+                batch_idx=self.next_batch,
+                first_prompt=first_prompt,
+                n_prompts=n_prompts,
+                first_row=first_row,
+                n_rows=n_rows,
+                tokens=tok,
+                features={int(k): v for k, v in (features or {}).items()},
+                generations=_as_table(generations, "generations"),
+                scores=_as_table(scores, "scores"),
+            )
+        )
+        self.next_batch += 1
+        self._next_row += n_rows
+        self._flush(partial=time.monotonic() - self._last_commit > self.commit_interval)
+
+    def flush(self) -> int:
+        """Write everything buffered (partial shards too) and commit it; return batches committed.
+
+        Example
+        -------
+        >>> w.flush()  # doctest: +SKIP
+        3
+        """
+        return self._flush(partial=True)
+
+    def close(self) -> None:
+        """Flush and commit what is buffered.
+
+        Example
+        -------
+        >>> w.close()  # doctest: +SKIP
+        """
+        try:
+            self._flush(partial=True)
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
+
+    def __enter__(self) -> RunWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _flush(self, partial: bool) -> int:
+        if not self._pending:
+            return 0
+        for buf in self._buffers.values():
+            buf.write(partial)
+        durable = min((b.disk_rows for b in self._buffers.values()), default=self._next_row)
+        ready = [p for p in self._pending if p.first_row + p.n_rows <= durable]
+        if not ready:
+            return 0
+        self._commit(ready)
+        self._pending = self._pending[len(ready) :]
+        self._last_commit = time.monotonic()
+        return len(ready)
+
+    def _commit(self, batches: Sequence[_Pending]) -> None:
+        root = self.store.root
+        first_row = batches[0].first_row
+        end_row = batches[-1].first_row + batches[-1].n_rows
+        parts: list[dict[str, Any]] = []
+        for sae_id in sorted({k for b in batches for k in b.features}):
+            chunks = [(b.first_row, *b.features[sae_id]) for b in batches if sae_id in b.features]
+            rows = np.concatenate([np.asarray(r, np.int64) + off for off, r, _, _ in chunks])
+            feats = np.concatenate([f for _, _, f, _ in chunks])
+            vals = np.concatenate([v for _, _, _, v in chunks])
+            rel = _features.write_part(
+                root, run_id=self.run_id, sae_id=sae_id, first_row=first_row,
+                rows=rows, features=feats, values=vals,
+            )
+            parts.append({"sae_id": sae_id, "path": rel, "n_nonzero": int(np.count_nonzero(vals))})
+        tokens = pa.concat_tables([_token_rows(b, self.run_id) for b in batches])
+        gens = [g for b in batches if (g := b.generations) is not None]
+        scs = [s for b in batches if (s := b.scores) is not None]
+        if self._before_commit is not None:
+            self._before_commit()
+        with self.store.catalog.write() as con:
+            con.register("_tok", tokens)
+            con.execute(f"INSERT INTO tokens ({', '.join(tokens.column_names)}) SELECT * FROM _tok")
+            con.unregister("_tok")
+            con.executemany(
+                "INSERT INTO batches VALUES (?, ?, ?, ?, ?, ?, now())",
+                [
+                    [self.run_id, b.batch_idx, b.first_prompt, b.n_prompts, b.first_row, b.n_rows]
+                    for b in batches
+                ],
+            )
+            for p in parts:
+                con.execute(
+                    "INSERT INTO feature_files VALUES (?, ?, ?, ?, ?, ?)",
+                    [self.run_id, p["sae_id"], p["path"], first_row, end_row - first_row, p["n_nonzero"]],
+                )
+            for table, rows in (("generations", gens), ("scores", scs)):
+                if rows:
+                    t = pa.concat_tables(rows, promote_options="permissive")
+                    con.register("_t", t)
+                    cols = ", ".join(["run_id", *t.column_names])
+                    con.execute(f"INSERT INTO {table} ({cols}) SELECT {self.run_id}, * FROM _t")
+                    con.unregister("_t")
+            con.execute("UPDATE arrays SET n_rows = ? WHERE run_id = ?", [end_row, self.run_id])
+            bump_commit_seq(con)
+        self.committed_rows = end_row
+
+
+def _token_rows(b: _Pending, run_id: int) -> pa.Table:
+    tok = b.tokens
+    cols: dict[str, pa.Array] = {"run_id": pa.array(np.full(tok.num_rows, run_id, np.int32))}
+    for name, typ in TOKEN_COLUMNS.items():
+        if name in tok.column_names:
+            col = tok.column(name).cast(typ)
+            if name == "row":
+                col = pc.add(col, pa.scalar(b.first_row, pa.int64()))
+            cols[name] = col
+        else:
+            cols[name] = pa.nulls(tok.num_rows, typ)
+    unknown = set(tok.column_names) - set(TOKEN_COLUMNS)
+    if unknown:
+        raise InputError(f"tokens: unknown columns {sorted(unknown)}; valid: {list(TOKEN_COLUMNS)}")
+    return pa.table(cols)
+
+
+def bump_commit_seq(con: Any) -> None:
+    """Advance the catalog's commit counter (readers refresh their views when it moves).
+
+    Example
+    -------
+    >>> with store.catalog.write() as con:  # doctest: +SKIP
+    ...     bump_commit_seq(con)
+    """
+    con.execute(
+        "UPDATE meta SET value = CAST(CAST(value AS BIGINT) + 1 AS VARCHAR) WHERE key = 'commit_seq'"
+    )
+
+
+class WriteLock:
+    """An exclusive, process-held lock on a store's ``.write.lock`` file.
+
+    One writer process at a time appends to a store, so a writer's recovery can
+    remove uncommitted files without touching another writer's. The OS drops the
+    lock when the process dies, so a killed ingest never leaves a stale lock.
+
+    Example
+    -------
+    >>> import tempfile, pathlib
+    >>> lk = WriteLock(pathlib.Path(tempfile.mkdtemp())); lk.release()
+    """
+
+    FILE = ".write.lock"
+
+    def __init__(self, root: Any) -> None:
+        self.path = os.path.join(str(root), self.FILE)
+        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            self._fd = None
+            raise InputError(
+                f"another process is writing to store {root}; wait for it to finish "
+                "(or write to a separate shard store and merge)"
+            ) from None
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, str(os.getpid()).encode())
+
+    @classmethod
+    def held_elsewhere(cls, root: Any) -> bool:
+        """Whether another open lock (another writer) holds the store."""
+        path = os.path.join(str(root), cls.FILE)
+        if not os.path.exists(path):
+            return False
+        fd = os.open(path, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def release(self) -> None:
+        """Release the lock (idempotent)."""
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
