@@ -100,7 +100,10 @@ def _compressors(compression: str, itemsize: int) -> list[Any]:
     if compression == "blosc":
         return [
             BloscCodec(
-                cname="zstd", clevel=1, shuffle=BloscShuffle.shuffle, typesize=itemsize,
+                cname="zstd",
+                clevel=1,
+                shuffle=BloscShuffle.shuffle,
+                typesize=itemsize,
                 blocksize=1 << 20,
             ),
             Crc32cCodec(),
@@ -272,7 +275,11 @@ def _locate_corruption(arr: zarr.Array, rows: np.ndarray, name: str, err: Except
 
 
 def read_rows(
-    arr: zarr.Array, rows: np.ndarray | slice, *, name: str | None = None, out: np.ndarray | None = None
+    arr: zarr.Array,
+    rows: np.ndarray | slice,
+    *,
+    name: str | None = None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Read rows (any order, repeats allowed) in their logical dtype.
 

@@ -96,10 +96,24 @@ CREATE TABLE IF NOT EXISTS edits (
 """
 
 #: The tables of :data:`SCHEMA`, in order.
-TABLES = (
-    "meta models checkpoints prompt_sets prompts runs tokens arrays batches saes "
-    "feature_files generations scores directions analyses edits"
-).split()
+TABLES = [
+    "meta",
+    "models",
+    "checkpoints",
+    "prompt_sets",
+    "prompts",
+    "runs",
+    "tokens",
+    "arrays",
+    "batches",
+    "saes",
+    "feature_files",
+    "generations",
+    "scores",
+    "directions",
+    "analyses",
+    "edits",
+]
 
 _process_locks: dict[str, threading.RLock] = {}
 _process_locks_guard = threading.Lock()

@@ -44,15 +44,15 @@ SCHEMA = pa.schema(
 )
 
 
-def part_relpath(run_id: int, sae_id: int, first_row: int) -> str:
-    """The path of the part that starts at ``first_row``.
+def part_relpath(run_id: int, sae_id: int, first_row: int, first_batch: int = 0) -> str:
+    """The path of the part that starts at ``first_row`` with batch ``first_batch``.
 
     Example
     -------
-    >>> part_relpath(1, 2, 300)
-    'features/run000001/sae000002/part-000000000300.parquet'
+    >>> part_relpath(1, 2, 300, 7)
+    'features/run000001/sae000002/part-000000000300-b000007.parquet'
     """
-    return f"{feature_dir_relpath(run_id, sae_id)}/part-{first_row:012d}.parquet"
+    return f"{feature_dir_relpath(run_id, sae_id)}/part-{first_row:012d}-b{first_batch:06d}.parquet"
 
 
 def write_part(
@@ -61,20 +61,22 @@ def write_part(
     run_id: int,
     sae_id: int,
     first_row: int,
+    first_batch: int = 0,
     rows: np.ndarray,
     features: np.ndarray,
     values: np.ndarray,
 ) -> str:
     """Write one part atomically and return its path relative to ``root``.
 
-    Rows are global row numbers of the run. Zero values are dropped.
+    Rows are global row numbers of the run. Zero values are dropped. ``first_batch``
+    (the first batch the part commits) keeps names unique when a batch stores no rows.
 
     Example
     -------
     >>> import tempfile
     >>> write_part(tempfile.mkdtemp(), run_id=1, sae_id=1, first_row=0,
     ...            rows=np.array([0]), features=np.array([3]), values=np.array([1.0]))
-    'features/run000001/sae000001/part-000000000000.parquet'
+    'features/run000001/sae000001/part-000000000000-b000000.parquet'
     """
     rows = np.asarray(rows, np.int64)
     features = np.asarray(features, np.int32)
@@ -98,7 +100,7 @@ def write_part(
         },
         schema=SCHEMA,
     )
-    rel = part_relpath(run_id, sae_id, first_row)
+    rel = part_relpath(run_id, sae_id, first_row, first_batch)
     path = Path(root) / rel
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")

@@ -101,15 +101,30 @@ def add_model(
         mid = _next_id(con, "models", "model_id")
         con.execute(
             "INSERT INTO models VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
-            [mid, name, family, architecture, n_layers, d_model, d_mlp, d_vocab,
-             tokenizer_hash, _json(dict(config or {}))],
+            [
+                mid,
+                name,
+                family,
+                architecture,
+                n_layers,
+                d_model,
+                d_mlp,
+                d_vocab,
+                tokenizer_hash,
+                _json(dict(config or {})),
+            ],
         )
         bump_commit_seq(con)
         return mid
 
 
 def add_checkpoint(
-    store: Store, *, model_id: int, label: str, path: str = "", revision: str = "",
+    store: Store,
+    *,
+    model_id: int,
+    label: str,
+    path: str = "",
+    revision: str = "",
     weights_hash: str = "",
 ) -> int:
     """Add a checkpoint (one set of weights) of a model; return its ``checkpoint_id``.
@@ -234,9 +249,7 @@ def add_sae(
     1
     """
     with store.catalog.write() as con:
-        hit = con.execute(
-            "SELECT sae_id, weights_hash FROM saes WHERE name = ?", [name]
-        ).fetchall()
+        hit = con.execute("SELECT sae_id, weights_hash FROM saes WHERE name = ?", [name]).fetchall()
         if hit:
             if hit[0][1] != weights_hash:
                 raise InputError(
@@ -246,8 +259,18 @@ def add_sae(
         sid = _next_id(con, "saes", "sae_id")
         con.execute(
             "INSERT INTO saes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
-            [sid, name, source, hook, layer, d_in, d_sae, architecture, weights_hash,
-             _json(dict(config or {}))],
+            [
+                sid,
+                name,
+                source,
+                hook,
+                layer,
+                d_in,
+                d_sae,
+                architecture,
+                weights_hash,
+                _json(dict(config or {})),
+            ],
         )
         bump_commit_seq(con)
         return sid
@@ -304,19 +327,46 @@ def create_run(
             layout = _arrays.default_layout(d, store_dtype, compression)
             rel = array_relpath(rid, hook)
             _arrays.create_array(
-                store.root, rel, d=d, dtype=store_dtype, capacity=capacity, layout=layout,
+                store.root,
+                rel,
+                d=d,
+                dtype=store_dtype,
+                capacity=capacity,
+                layout=layout,
                 attributes={"run_id": rid, "hook": hook},
             )
             con.execute(
                 "INSERT INTO arrays VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
-                [rid, hook, layer, rel, store_dtype, d, layout.chunk_rows, layout.shard_rows,
-                 layout.compression],
+                [
+                    rid,
+                    hook,
+                    layer,
+                    rel,
+                    store_dtype,
+                    d,
+                    layout.chunk_rows,
+                    layout.shard_rows,
+                    layout.compression,
+                ],
             )
         con.execute(
             "INSERT INTO runs VALUES (?, ?, ?, ?, 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now(), NULL)",
-            [rid, name, checkpoint_id, prompt_set_id, positions, store_dtype, _json(list(hooks)),
-             quantization, device, job_hash, parent_run_id, edit_id, n_prompts,
-             _json(dict(provenance or {}))],
+            [
+                rid,
+                name,
+                checkpoint_id,
+                prompt_set_id,
+                positions,
+                store_dtype,
+                _json(list(hooks)),
+                quantization,
+                device,
+                job_hash,
+                parent_run_id,
+                edit_id,
+                n_prompts,
+                _json(dict(provenance or {})),
+            ],
         )
         bump_commit_seq(con)
         return rid
@@ -367,8 +417,17 @@ def add_direction(
         did = int(hit[0][0]) if hit else _next_id(con, "directions", "direction_id")
         con.execute(
             "INSERT INTO directions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
-            [did, name, hook, vec.size, vec.tolist(), method, run_id, analysis_id,
-             _json(dict(params or {}))],
+            [
+                did,
+                name,
+                hook,
+                vec.size,
+                vec.tolist(),
+                method,
+                run_id,
+                analysis_id,
+                _json(dict(params or {})),
+            ],
         )
         bump_commit_seq(con)
         return did
@@ -409,8 +468,14 @@ def add_analysis(
         aid = _next_id(con, "analyses", "analysis_id")
         con.execute(
             "INSERT INTO analyses VALUES (?, ?, ?, ?, ?, ?, now())",
-            [aid, name, kind, _json(dict(params)), _json(dict(result)),
-             _json(dict(provenance or {}))],
+            [
+                aid,
+                name,
+                kind,
+                _json(dict(params)),
+                _json(dict(result)),
+                _json(dict(provenance or {})),
+            ],
         )
         bump_commit_seq(con)
         return aid

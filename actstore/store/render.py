@@ -41,7 +41,8 @@ def render_table(table: pa.Table, max_rows: int | None = None) -> str:
     cols = shown.column_names
     cells = [[_fmt(v) for v in shown.column(c).to_pylist()] for c in cols]
     numeric = [
-        pa.types.is_integer(shown.schema.field(c).type) or pa.types.is_floating(shown.schema.field(c).type)
+        pa.types.is_integer(shown.schema.field(c).type)
+        or pa.types.is_floating(shown.schema.field(c).type)
         for c in cols
     ]
     widths = [max([len(c), *(len(v) for v in col)]) for c, col in zip(cols, cells, strict=True)]

@@ -75,7 +75,10 @@ class Result:
 
     def numpy(self) -> dict[str, np.ndarray]:
         """Columns as numpy arrays (DuckDB's ``fetchnumpy``)."""
-        return {n: c.to_numpy(zero_copy_only=False) for n, c in zip(self.columns, self._table.columns, strict=True)}
+        return {
+            n: c.to_numpy(zero_copy_only=False)
+            for n, c in zip(self.columns, self._table.columns, strict=True)
+        }
 
     def __repr__(self) -> str:
         from actstore.store.render import render_table
@@ -105,7 +108,9 @@ class Acts:
     >>> a.numpy().shape, a.df()["triggered"].mean()  # doctest: +SKIP
     """
 
-    def __init__(self, run: str, hook: str, rows: np.ndarray, meta: pa.Table, values: np.ndarray) -> None:
+    def __init__(
+        self, run: str, hook: str, rows: np.ndarray, meta: pa.Table, values: np.ndarray
+    ) -> None:
         self.run = run
         self.hook = hook
         self.rows = rows

@@ -90,9 +90,7 @@ class Session:
             self._refresh()
             yield self.con
 
-    def execute(
-        self, query: str, params: Sequence[Any] | dict[str, Any] | None = None
-    ) -> pa.Table:
+    def execute(self, query: str, params: Sequence[Any] | dict[str, Any] | None = None) -> pa.Table:
         """Run one statement and return its result as Arrow.
 
         Example
@@ -103,7 +101,8 @@ class Session:
             try:
                 return query_arrow(con, query, params)
             except duckdb.Error as e:
-                raise InputError(f"SQL error: {str(e).splitlines()[0]}\n  in: {query.strip()[:500]}") from e
+                first = " ".join(query.split())
+                raise InputError(f"SQL error: {str(e).splitlines()[0]} (in: {first[:300]})") from e
 
     def _refresh(self) -> None:
         con = self.con
@@ -114,7 +113,9 @@ class Session:
         root = str(self.store.root)
         parts = [
             f"{root}/{r[0]}"
-            for r in con.execute("SELECT path FROM cat.feature_files ORDER BY run_id, sae_id, first_row").fetchall()
+            for r in con.execute(
+                "SELECT path FROM cat.feature_files ORDER BY run_id, sae_id, first_row"
+            ).fetchall()
         ]
         if parts:
             listing = ", ".join("'" + p.replace("'", "''") + "'" for p in parts)

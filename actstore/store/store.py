@@ -215,7 +215,9 @@ class Store:
         return meta.column("row").to_numpy().astype(np.int64), meta
 
     def _meta_for_rows(self, rid: int, rows: np.ndarray) -> pa.Table:
-        order = pa.table({"_row": pa.array(rows, pa.int64()), "_ord": pa.array(np.arange(rows.size))})
+        order = pa.table(
+            {"_row": pa.array(rows, pa.int64()), "_ord": pa.array(np.arange(rows.size))}
+        )
         with self.session.connection() as con:
             con.register("_want", order)
             try:
@@ -313,12 +315,18 @@ class Store:
         runs = self.runs().arrow().to_pylist()
         for r in runs:
             r["hooks"] = self.hooks(int(r["run_id"]))
-        sets = self.sql("SELECT name, n_prompts, label_columns FROM prompt_sets ORDER BY prompt_set_id")
+        sets = self.sql(
+            "SELECT name, n_prompts, label_columns FROM prompt_sets ORDER BY prompt_set_id"
+        )
         saes = self.sql("SELECT name, hook, d_in, d_sae, architecture FROM saes ORDER BY sae_id")
-        counts = self.sql(
-            "SELECT (SELECT count(*) FROM directions) AS directions, "
-            "(SELECT count(*) FROM analyses) AS analyses, (SELECT count(*) FROM edits) AS edits"
-        ).arrow().to_pylist()[0]
+        counts = (
+            self.sql(
+                "SELECT (SELECT count(*) FROM directions) AS directions, "
+                "(SELECT count(*) FROM analyses) AS analyses, (SELECT count(*) FROM edits) AS edits"
+            )
+            .arrow()
+            .to_pylist()[0]
+        )
         size = sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
         prompt_sets = sets.arrow().to_pylist()
         for p in prompt_sets:
@@ -338,7 +346,9 @@ class Store:
 
     def _check_writable(self) -> None:
         if self.read_only:
-            raise ReadOnlyError(f"store {self.root} was opened read-only; open it with read_only=False to write")
+            raise ReadOnlyError(
+                f"store {self.root} was opened read-only; open it with read_only=False to write"
+            )
 
     def writer(self, run: str | int, *, commit_interval: float = 30.0) -> RunWriter:
         """A :class:`RunWriter` appending batches to ``run`` (recovering first).

@@ -136,7 +136,12 @@ class RunWriter:
     """
 
     def __init__(
-        self, store: Store, run_id: int, *, commit_interval: float = 30.0, lock: WriteLock | None = None
+        self,
+        store: Store,
+        run_id: int,
+        *,
+        commit_interval: float = 30.0,
+        lock: WriteLock | None = None,
     ) -> None:
         self.store = store
         self._lock = lock
@@ -303,8 +308,14 @@ class RunWriter:
             feats = np.concatenate([f for _, _, f, _ in chunks])
             vals = np.concatenate([v for _, _, _, v in chunks])
             rel = _features.write_part(
-                root, run_id=self.run_id, sae_id=sae_id, first_row=first_row,
-                rows=rows, features=feats, values=vals,
+                root,
+                run_id=self.run_id,
+                sae_id=sae_id,
+                first_row=first_row,
+                first_batch=batches[0].batch_idx,
+                rows=rows,
+                features=feats,
+                values=vals,
             )
             parts.append({"sae_id": sae_id, "path": rel, "n_nonzero": int(np.count_nonzero(vals))})
         tokens = pa.concat_tables([_token_rows(b, self.run_id) for b in batches])
@@ -326,11 +337,18 @@ class RunWriter:
             for p in parts:
                 con.execute(
                     "INSERT INTO feature_files VALUES (?, ?, ?, ?, ?, ?)",
-                    [self.run_id, p["sae_id"], p["path"], first_row, end_row - first_row, p["n_nonzero"]],
+                    [
+                        self.run_id,
+                        p["sae_id"],
+                        p["path"],
+                        first_row,
+                        end_row - first_row,
+                        p["n_nonzero"],
+                    ],
                 )
-            for table, rows in (("generations", gens), ("scores", scs)):
-                if rows:
-                    t = pa.concat_tables(rows, promote_options="permissive")
+            for table, extra in (("generations", gens), ("scores", scs)):
+                if extra:
+                    t = pa.concat_tables(extra, promote_options="permissive")
                     con.register("_t", t)
                     cols = ", ".join(["run_id", *t.column_names])
                     con.execute(f"INSERT INTO {table} ({cols}) SELECT {self.run_id}, * FROM _t")
