@@ -1,0 +1,1 @@
+"""Test helpers shared across the suite: tiny locally built models and their TransformerLens twins."""
