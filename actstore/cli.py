@@ -216,5 +216,73 @@ def sql(
     emit(st.sql(query, bound or None).arrow(), fmt, output)
 
 
+@main.command()
+@click.argument("job", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--store", default=None, help="Store directory (overrides the job's).")
+@click.option(
+    "--hooks", default=None, help="Comma-separated hooks or patterns (overrides capture.hooks)."
+)
+@click.option(
+    "--positions",
+    default=None,
+    help="Comma-separated positions policies (overrides capture.positions).",
+)
+@click.option("--batch-size", type=int, default=None, help="Prompts per forward pass.")
+@click.option("--store-dtype", type=click.Choice(["float16", "float32", "bfloat16"]), default=None)
+@click.option("--device", default=None, help="auto, cpu, cuda, cuda:N.")
+@click.option("--quantization", type=click.Choice(["none", "8bit", "4bit"]), default=None)
+@click.option(
+    "--edit",
+    "edit_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Apply an edit spec (TOML) while ingesting; runs are named CKPT/PROMPTS+EDIT.",
+)
+@click.option("-q", "--quiet", is_flag=True, default=None, help="No progress bar.")
+@user_errors
+def ingest(
+    job: Path,
+    store: str | None,
+    hooks: str | None,
+    positions: str | None,
+    batch_size: int | None,
+    store_dtype: str | None,
+    device: str | None,
+    quantization: str | None,
+    edit_path: Path | None,
+    quiet: bool | None,
+) -> None:
+    """Run a job's checkpoints over its prompt sets into a store (resumable, idempotent).
+
+    Example: actstore ingest job.toml --batch-size 16
+    """
+    from actstore.ingest.runner import run_job
+
+    edit = None
+    if edit_path is not None:
+        from actstore.edits.apply import edit_context_from_file
+
+        edit = edit_context_from_file(edit_path, store or _job_store(job))
+    summary = run_job(
+        job,
+        quiet=quiet,
+        edit=edit,
+        store=store,
+        hooks=hooks,
+        positions=positions,
+        batch_size=batch_size,
+        store_dtype=store_dtype,
+        device=device,
+        quantization=quantization,
+    )
+    click.echo(str(summary))
+
+
+def _job_store(job: Path) -> str:
+    from actstore.ingest.job import IngestJob
+
+    return IngestJob.from_toml(job).store
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

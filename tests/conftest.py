@@ -9,8 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers.tiny import TINY_FAMILIES, build_tiny_model
+
+# Tiny models gain nothing from threads, and on 2 shared cores threads contend.
+torch.set_num_threads(1)
 
 # --- tiny Hugging Face models -----------------------------------------------------
 

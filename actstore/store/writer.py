@@ -273,6 +273,18 @@ class RunWriter:
                 self._lock.release()
                 self._lock = None
 
+    def abort(self) -> None:
+        """Drop what is buffered and not committed, and release the store (after an error).
+
+        Example
+        -------
+        >>> w.abort()  # doctest: +SKIP
+        """
+        self._pending = []
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
     def __enter__(self) -> RunWriter:
         return self
 

@@ -1,0 +1,163 @@
+"""Prompt sets: JSONL, CSV or Parquet files of prompts and their labels.
+
+The text column (or a chat ``messages`` column rendered with the tokenizer's
+chat template) becomes the prompt text; every other column becomes a typed
+label column in the catalog (``triggered``, ``pair_id``, ``reward``, ``split``...).
+
+Example
+-------
+>>> import tempfile, json, os
+>>> p = os.path.join(tempfile.mkdtemp(), "p.jsonl")
+>>> with open(p, "w") as f:
+...     _ = f.write(json.dumps({"prompt": "hi", "triggered": True}) + "\\n")
+>>> load_prompt_table(p).to_pylist()
+[{'prompt': 'hi', 'triggered': True}]
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from actstore.errors import InputError
+
+SUFFIXES = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+
+
+def _read_jsonl(path: Path) -> pa.Table:
+    rows: list[dict[str, Any]] = []
+    with path.open() as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(
+                    f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object"
+                ) from None
+            if not isinstance(obj, dict):
+                raise InputError(
+                    f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}"
+                )
+            rows.append(obj)
+    if not rows:
+        return pa.table({})
+    keys: dict[str, None] = {}
+    for r in rows:
+        keys.update(dict.fromkeys(r))
+    try:
+        return (
+            pa.Table.from_pylist(rows, schema=None)
+            if all(r.keys() == keys.keys() for r in rows)
+            else pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows])
+        )
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        for k in keys:  # find the line whose value does not fit the column's type
+            try:
+                pa.array([r.get(k) for r in rows])
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                kinds: dict[str, int] = {}
+                for i, r in enumerate(rows):
+                    kinds.setdefault(type(r.get(k)).__name__, i)
+                raise InputError(
+                    f"{path}: column {k!r} mixes types {sorted(kinds)} (e.g. line {max(kinds.values()) + 1}); "
+                    "give each column one type"
+                ) from None
+        raise InputError(f"{path}: cannot build a table ({e})") from None
+
+
+def load_prompt_table(path: str | Path) -> pa.Table:
+    """Read a prompt file into an Arrow table (one row per prompt, in file order).
+
+    Raises
+    ------
+    InputError
+        Unknown suffix, unreadable file, or a malformed line (with its number).
+
+    Example
+    -------
+    >>> load_prompt_table("prompts.csv")  # doctest: +SKIP
+    """
+    p = Path(path)
+    kind = SUFFIXES.get(p.suffix.lower())
+    if kind is None:
+        raise InputError(
+            f"prompt file {p}: unknown format {p.suffix!r}; use .jsonl, .csv or .parquet"
+        )
+    if not p.is_file():
+        raise InputError(f"prompt file {p} does not exist")
+    if kind == "jsonl":
+        return _read_jsonl(p)
+    if kind == "csv":
+        import pyarrow.csv as pcsv
+
+        try:
+            return pcsv.read_csv(p)
+        except pa.ArrowInvalid as e:
+            raise InputError(f"{p}: malformed CSV ({e})") from None
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(p)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise InputError(f"{p}: unreadable Parquet ({e})") from None
+
+
+def prepare_prompts(
+    table: pa.Table,
+    *,
+    name: str,
+    text: str,
+    messages: str = "",
+    tokenizer: Any = None,
+    limit: int = 0,
+) -> pa.Table:
+    """Check a prompt table and render chat messages; return it with the text column first.
+
+    Example
+    -------
+    >>> prepare_prompts(pa.table({"q": ["a"], "y": [1]}), name="p", text="q").column_names
+    ['q', 'y']
+    """
+    if limit:
+        table = table.slice(0, limit)
+    if table.num_rows == 0:
+        raise InputError(f"prompt set {name!r} is empty; it needs at least one prompt")
+    if messages:
+        if messages not in table.column_names:
+            raise InputError(
+                f"prompt set {name!r}: no messages column {messages!r}; columns: {table.column_names}"
+            )
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise InputError(
+                f"prompt set {name!r}: the tokenizer has no chat template to render {messages!r}"
+            )
+        rendered = [
+            tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
+            for m in table.column(messages).to_pylist()
+        ]
+        table = table.drop_columns([messages]).append_column(text, pa.array(rendered, pa.string()))
+    if text not in table.column_names:
+        raise InputError(
+            f"prompt set {name!r}: no text column {text!r}; columns are {table.column_names} "
+            '(set `text = "COLUMN"` in the job\'s [[prompts]])'
+        )
+    col = table.column(text)
+    if not pa.types.is_string(col.type) and not pa.types.is_large_string(col.type):
+        raise InputError(f"prompt set {name!r}: text column {text!r} holds {col.type}, not text")
+    if col.null_count:
+        bad = col.to_pylist().index(None)
+        raise InputError(f"prompt set {name!r}: prompt {bad} (row {bad + 1}) has no text")
+    order = [text, *[c for c in table.column_names if c != text]]
+    return table.select(order)

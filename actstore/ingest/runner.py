@@ -1,0 +1,716 @@
+"""The ingest runner: checkpoints x prompt sets -> runs in a store, batch by batch.
+
+Everything that can be wrong with a job is checked before anything is written:
+prompt files, tokenizers (one per model family), architectures, hooks, layers,
+SAE hooks and widths, prompt lengths. Then, for each checkpoint and prompt set:
+
+1. the run is created, or found (same job hash: resume after its last committed
+   batch; complete: nothing to do);
+2. each batch of prompts (batch ``k`` is always prompts ``[kB, (k+1)B)``, so a
+   resumed job computes exactly what an uninterrupted one would) is generated
+   from (optional), scored, run forward under ``torch.inference_mode`` with
+   forward hooks capturing the chosen hooks, encoded by the SAEs, and handed to
+   a background thread that copies to the host, casts, and appends it to the
+   run's :class:`~actstore.store.writer.RunWriter`, so the model does not wait
+   for the disk; at most two batches wait in the queue, so memory stays bounded.
+
+Example
+-------
+>>> summary = run_job("job.toml")  # doctest: +SKIP
+>>> print(summary)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+import actstore
+from actstore.errors import InputError, NotAStoreError
+from actstore.ingest import positions as _pos
+from actstore.ingest.families import adapter_for, expand_hooks
+from actstore.ingest.generate import generate, generations_table
+from actstore.ingest.hooks import run_capture
+from actstore.ingest.job import IngestJob
+from actstore.ingest.models import (
+    library_versions,
+    load_checkpoint,
+    load_tokenizer,
+    resolve_device,
+    tokenizer_hash,
+)
+from actstore.ingest.prompts import load_prompt_table, prepare_prompts
+from actstore.ingest.saes import LoadedSAE, check_sae, encode_sparse, load_sae
+from actstore.ingest.scorers import load_scorer, score_generations
+from actstore.store import objects
+from actstore.store.format import MARKER
+
+TORCH_STORE = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class BatchContext:
+    """What an intervention (an edit) needs to know about the batch being run."""
+
+    prompt_idx: list[int]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    n_prompt: list[int]
+    offsets: list[int]
+    """Column of each prompt's first token in the padded batch."""
+    phase: str
+    """``generate`` or ``capture``."""
+
+
+Intervention = Callable[[Any, BatchContext], AbstractContextManager[Any]]
+
+
+@dataclass
+class EditContext:
+    """Makes the runs of a job edited runs: suffix, edit id, parent lookup, intervention."""
+
+    name: str
+    edit_id: int
+    intervention: Intervention
+    spec_hash: str
+
+
+@dataclass
+class RunSummary:
+    """What one run of a job did."""
+
+    name: str
+    status: str
+    prompts: int
+    tokens: int
+    rows: int
+    bytes: int
+    seconds: float
+
+
+@dataclass
+class IngestSummary:
+    """What a job did, run by run. ``str()`` is the end-of-job table.
+
+    Example
+    -------
+    >>> print(run_job("job.toml", quiet=True))  # doctest: +SKIP
+    """
+
+    store: str
+    runs: list[RunSummary] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        from actstore.store.render import render_table
+
+        t = pa.table(
+            {
+                "run": [r.name for r in self.runs],
+                "status": [r.status for r in self.runs],
+                "prompts": [r.prompts for r in self.runs],
+                "tokens": [r.tokens for r in self.runs],
+                "rows": [r.rows for r in self.runs],
+                "MB": [round(r.bytes / 1e6, 2) for r in self.runs],
+                "seconds": [round(r.seconds, 1) for r in self.runs],
+            }
+        )
+        return (
+            f"{render_table(t)}\nstore {self.store}: {len(self.runs)} runs in {self.seconds:.1f} s"
+        )
+
+
+@dataclass
+class _PromptSet:
+    spec: Any
+    table: pa.Table
+    hash: str
+    tokenized: list[_pos.TokenizedPrompt]
+
+
+@dataclass
+class _Plan:
+    job: IngestJob
+    device: str
+    tokenizer: Any
+    tok_hash: str
+    config: Any
+    adapter: Any
+    hooks: list[str]
+    widths: dict[str, int]
+    policies: tuple[_pos.Policy, ...]
+    prompt_sets: list[_PromptSet]
+    saes: list[LoadedSAE]
+    checkpoint_paths: dict[str, tuple[str, str]]
+
+
+def _check_store_path(path: Path) -> None:
+    if path.is_file():
+        raise NotAStoreError(
+            f"store path {path} is a file; give the job a directory path for the store"
+        )
+    if path.is_dir() and not (path / MARKER).exists() and any(path.iterdir()):
+        raise NotAStoreError(
+            f"store path {path} is a non-empty directory that is not a store; choose a new directory"
+        )
+
+
+def plan(job: IngestJob) -> _Plan:
+    """Check everything about a job before any work; return what the run needs.
+
+    Example
+    -------
+    >>> p = plan(IngestJob.from_toml("job.toml"))  # doctest: +SKIP
+    """
+    from transformers import AutoConfig
+
+    _check_store_path(Path(job.store))
+    device = resolve_device(job.model.device)
+    ck_paths = {
+        c.label: (c.path or job.model.path, c.revision or job.model.revision)
+        for c in job.checkpoints
+    }
+    tok_path = job.model.tokenizer or next(iter(ck_paths.values()))[0]
+    tokenizer = load_tokenizer(tok_path, job.model.revision, job.model.trust_remote_code)
+    tok_hash = tokenizer_hash(tokenizer)
+    config = None
+    for label, (path, rev) in ck_paths.items():
+        try:
+            cfg = AutoConfig.from_pretrained(
+                path, revision=rev or None, trust_remote_code=job.model.trust_remote_code
+            )
+        except (OSError, ValueError) as e:
+            raise InputError(
+                f"checkpoint {label!r}: cannot read a model config at {path!r}: {str(e).splitlines()[0]}"
+            ) from None
+        if config is None:
+            config = cfg
+        else:
+            a, b = adapter_for(config), adapter_for(cfg)
+            if (config.model_type, a.n_layers, a.d_model) != (
+                cfg.model_type,
+                b.n_layers,
+                b.d_model,
+            ):
+                raise InputError(
+                    f"checkpoint {label!r} is a {cfg.model_type} with {b.n_layers} layers x {b.d_model}, "
+                    f"but the first checkpoint is a {config.model_type} with {a.n_layers} x {a.d_model}; "
+                    "a job's checkpoints must share one architecture: put other models in another job"
+                )
+        if not job.model.tokenizer and Path(path).is_dir() and any(Path(path).glob("tokenizer*")):
+            other = tokenizer_hash(load_tokenizer(path, rev, job.model.trust_remote_code))
+            if other != tok_hash:
+                raise InputError(
+                    f"checkpoint {label!r} has a different tokenizer than {tok_path!r}; rows of one model "
+                    "family must align, so use one tokenizer (set model.tokenizer) or a separate job"
+                )
+    assert config is not None
+    adapter = adapter_for(config)
+    hooks = expand_hooks(job.capture.hooks, adapter.n_layers)
+    widths = {}
+    for h in hooks:
+        if h.startswith("module:"):
+            widths[h] = -1  # known after the first forward pass
+        else:
+            adapter.check(h)
+            widths[h] = adapter.hook_width(h)
+    policies = _pos.parse_positions(job.capture.positions)
+    sets = []
+    for ps in job.prompts:
+        table = prepare_prompts(
+            load_prompt_table(ps.path),
+            name=ps.name,
+            text=ps.text,
+            messages=ps.messages,
+            tokenizer=tokenizer,
+            limit=ps.limit,
+        )
+        texts = table.column(0).to_pylist()
+        toks = _pos.tokenize(
+            tokenizer, texts, max_length=job.capture.max_length, truncation=job.capture.truncation
+        )
+        sets.append(_PromptSet(ps, table, objects.table_hash(table), toks))
+    saes = []
+    for s in job.saes:
+        loaded = load_sae(s, device)
+        check_sae(loaded, hooks, widths)
+        saes.append(loaded)
+    return _Plan(
+        job,
+        device,
+        tokenizer,
+        tok_hash,
+        config,
+        adapter,
+        hooks,
+        widths,
+        policies,
+        sets,
+        saes,
+        ck_paths,
+    )
+
+
+def _job_hash(p: _Plan, weights: str, ps: _PromptSet, edit: EditContext | None) -> str:
+    cap = p.job.capture
+    body = {
+        "weights": weights,
+        "tokenizer": p.tok_hash,
+        "prompts": ps.hash,
+        "hooks": p.hooks,
+        "positions": [str(x) for x in p.policies],
+        "store_dtype": cap.store_dtype,
+        "compression": cap.compression,
+        "batch_size": cap.batch_size,
+        "max_length": cap.max_length,
+        "truncation": cap.truncation,
+        "padding_side": cap.padding_side,
+        "dtype": p.job.model.dtype,
+        "quantization": p.job.model.quantization,
+        "saes": [s.weights_hash for s in p.saes],
+        "generate": dataclasses.asdict(p.job.generate) if p.job.generate else None,
+        "scorers": [dataclasses.asdict(s) for s in p.job.scorers],
+        "edit": edit.spec_hash if edit else None,
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _pad(
+    batch: list[_pos.TokenizedPrompt], pad_id: int, side: str, device: str
+) -> tuple[torch.Tensor, ...]:
+    lens = [len(tp.all_ids) for tp in batch]
+    s = max(lens)
+    ids = torch.full((len(batch), s), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), s), dtype=torch.long)
+    pos = torch.zeros((len(batch), s), dtype=torch.long)
+    offsets = []
+    for b, (tp, n) in enumerate(zip(batch, lens, strict=True)):
+        off = s - n if side == "left" else 0
+        ids[b, off : off + n] = torch.tensor(tp.all_ids)
+        mask[b, off : off + n] = 1
+        pos[b, off : off + n] = torch.arange(n)
+        offsets.append(off)
+    return ids.to(device), mask.to(device), pos.to(device), torch.tensor(offsets)
+
+
+class _BackgroundWriter:
+    """Host copies, casts and appends on a thread; the queue bounds memory to two batches."""
+
+    def __init__(self, writer: Any, store_dtype: str) -> None:
+        self.writer = writer
+        self.store_dtype = store_dtype
+        self.q: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="actstore-writer", daemon=True)
+        self.thread.start()
+
+    def _to_numpy(self, t: torch.Tensor) -> np.ndarray:
+        t = t.to("cpu")
+        if t.dtype == torch.bfloat16:
+            return t.view(torch.int16).numpy().view(np.uint16)
+        return t.numpy()
+
+    def _loop(self) -> None:
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue
+            try:
+                item["arrays"] = {h: self._to_numpy(t) for h, t in item["arrays"].items()}
+                self.writer.append(**item)
+            except BaseException as e:  # surfaced in the main thread
+                self.error = e
+
+    def put(self, item: dict[str, Any]) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put(item)
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.thread.join()
+        if self.error is not None:
+            self.writer.abort()
+            raise self.error
+        self.writer.close()
+
+    def abort(self) -> None:
+        """Stop after the queued batches are dropped; commit nothing more."""
+        self.error = self.error or RuntimeError("aborted")
+        with self.q.mutex:
+            self.q.queue.clear()
+        self.q.put(None)
+        self.thread.join()
+        self.writer.abort()
+
+
+def _batches(n: int, size: int, start: int) -> Iterator[tuple[int, int, int]]:
+    for b in range(start, (n + size - 1) // size):
+        yield b, b * size, min(n, (b + 1) * size)
+
+
+def _progress(total: int, desc: str, quiet: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="tok",
+        unit_scale=True,
+        disable=quiet,
+        leave=False,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+
+
+def _ingest_run(
+    st: actstore.Store,
+    p: _Plan,
+    ck: Any,
+    ps: _PromptSet,
+    checkpoint_id: int,
+    quiet: bool,
+    edit: EditContext | None,
+) -> RunSummary:
+    job, cap = p.job, p.job.capture
+    name = f"{ck.label}/{ps.spec.name}" + (f"+{edit.name}" if edit else "")
+    t0 = time.monotonic()
+    pset_id = objects.add_prompt_set(
+        st,
+        name=ps.spec.name,
+        table=ps.table,
+        text_column=ps.table.column_names[0],
+        path=ps.spec.path,
+        content_hash=ps.hash,
+    )
+    widths = dict(p.widths)
+    if any(w < 0 for w in widths.values()):  # module: hooks: measure on one prompt
+        ids = torch.tensor([ps.tokenized[0].ids], device=p.device)
+        with torch.inference_mode():
+            acts = run_capture(ck.model, [h for h, w in widths.items() if w < 0], input_ids=ids)
+        widths.update({h: int(a.shape[-1]) for h, a in acts.items()})
+    parent = None
+    if edit is not None:
+        hit = st.sql(
+            "SELECT run_id FROM runs WHERE name = ?", [f"{ck.label}/{ps.spec.name}"]
+        ).fetchall()
+        parent = int(hit[0][0]) if hit else None
+    rid = objects.create_run(
+        st,
+        name=name,
+        checkpoint_id=checkpoint_id,
+        prompt_set_id=pset_id,
+        hooks={
+            h: (p.adapter.check(h)[0] if not h.startswith("module:") else None, widths[h])
+            for h in p.hooks
+        },
+        positions=",".join(str(x) for x in p.policies),
+        store_dtype=cap.store_dtype,
+        compression=cap.compression or None,
+        quantization=job.model.quantization,
+        device=p.device,
+        job_hash=_job_hash(p, ck.weights_hash, ps, edit),
+        n_prompts=len(ps.tokenized),
+        parent_run_id=parent,
+        edit_id=edit.edit_id if edit else None,
+        provenance={
+            "model": {
+                "path": ck.path,
+                "revision": ck.revision,
+                "weights_hash": ck.weights_hash,
+                "dtype": job.model.dtype,
+                "quantization": job.model.quantization,
+            },
+            "tokenizer_hash": p.tok_hash,
+            "prompt_set": {"path": ps.spec.path, "hash": ps.hash},
+            "hooks": p.hooks,
+            "positions": [str(x) for x in p.policies],
+            "store_dtype": cap.store_dtype,
+            "device": p.device,
+            "versions": library_versions(),
+            "job": job.to_dict(),
+            "saes": [s.name for s in p.saes],
+            "edit": edit.name if edit else None,
+        },
+    )
+    status = st.sql("SELECT status FROM runs WHERE run_id = ?", [rid]).fetchall()[0][0]
+    n_prompts = len(ps.tokenized)
+    if status == "complete":
+        rows = st.sql(
+            "SELECT coalesce(max(n_rows), 0) FROM arrays WHERE run_id = ?", [rid]
+        ).fetchall()[0][0]
+        return RunSummary(name, "already complete", n_prompts, 0, int(rows), 0, 0.0)
+    sae_ids = {
+        s.name: objects.add_sae(
+            st,
+            name=s.name,
+            source=s.source,
+            hook=s.hook,
+            layer=s.layer,
+            d_in=s.d_in,
+            d_sae=s.d_sae,
+            architecture=s.architecture,
+            weights_hash=s.weights_hash,
+            config=s.cfg,
+        )
+        for s in p.saes
+    }
+    writer = st.writer(rid, commit_interval=cap.commit_interval)
+    start = writer.next_batch
+    resumed = start > 0
+    bg = _BackgroundWriter(writer, cap.store_dtype)
+    tok = p.tokenizer
+    scorers = [load_scorer(s, p.device) for s in job.scorers]
+    store_dtype = TORCH_STORE[cap.store_dtype]
+    first = min(start * cap.batch_size, n_prompts)
+    todo = sum(len(tp.ids) for tp in ps.tokenized[first:])
+    bar = _progress(todo, name, quiet)
+    n_tokens = 0
+    try:
+        for _b, lo, hi in _batches(n_prompts, cap.batch_size, start):
+            batch = ps.tokenized[lo:hi]
+            for tp in batch:
+                tp.completion_ids = []
+            gens_t = scores_t = None
+            if job.generate is not None:
+                ids, mask, pos, offs = _pad(
+                    [dataclasses.replace(tp, completion_ids=[]) for tp in batch],
+                    tok.pad_token_id,
+                    "left",
+                    p.device,
+                )
+                ctx = BatchContext(
+                    [tp.prompt_idx for tp in batch],
+                    ids,
+                    mask,
+                    pos,
+                    [tp.n_prompt for tp in batch],
+                    offs.tolist(),
+                    "generate",
+                )
+                with edit.intervention(ck.model, ctx) if edit else nullcontext():
+                    gens = generate(
+                        ck.model,
+                        tok,
+                        [tp.ids for tp in batch],
+                        job.generate,
+                        batch_size=len(batch),
+                        device=p.device,
+                        prompt_idx=[tp.prompt_idx for tp in batch],
+                    )
+                gens_t = generations_table(gens)
+                if scorers:
+                    scores_t = score_generations(
+                        scorers, gens, {tp.prompt_idx: tp.text for tp in batch}
+                    )
+                if "completion" in cap.positions:
+                    first_sample = {g.prompt_idx: g.token_ids for g in gens if g.sample_idx == 0}
+                    for tp in batch:
+                        tp.completion_ids = list(first_sample.get(tp.prompt_idx, []))[
+                            : max(0, cap.max_length - tp.n_prompt)
+                        ]
+            sels = [_pos.select(tp, p.policies, tok) for tp in batch]
+            ids, mask, pos, offs = _pad(batch, tok.pad_token_id, cap.padding_side, p.device)
+            stored = torch.zeros_like(mask, dtype=torch.bool)
+            for i, (sel, off) in enumerate(zip(sels, offs.tolist(), strict=True)):
+                stored[i, off : off + len(sel.stored)] = torch.tensor(sel.stored)
+            ctx = BatchContext(
+                [tp.prompt_idx for tp in batch],
+                ids,
+                mask,
+                pos,
+                [tp.n_prompt for tp in batch],
+                offs.tolist(),
+                "capture",
+            )
+            with (
+                torch.inference_mode(),
+                edit.intervention(ck.model, ctx) if edit else nullcontext(),
+            ):
+                acts = run_capture(
+                    ck.model, p.hooks, input_ids=ids, attention_mask=mask, position_ids=pos
+                )
+                rows_ND = {h: a[stored] for h, a in acts.items()}
+                features = {}
+                for s in p.saes:
+                    features[sae_ids[s.name]] = encode_sparse(s.sae, rows_ND[s.hook].float())
+                arrays = {h: r.to(store_dtype) for h, r in rows_ND.items()}
+            bg.put(
+                {
+                    "arrays": arrays,
+                    "tokens": _token_table(batch, sels, tok),
+                    "first_prompt": lo,
+                    "n_prompts": hi - lo,
+                    "features": features,
+                    "generations": gens_t,
+                    "scores": scores_t,
+                }
+            )
+            done = sum(len(tp.ids) for tp in batch)
+            n_tokens += done
+            bar.update(done)
+        bg.close()
+    except BaseException:
+        bar.close()
+        bg.abort()
+        raise
+    bar.close()
+    objects.finish_run(st, rid)
+    rows = int(
+        st.sql("SELECT coalesce(max(n_rows), 0) FROM arrays WHERE run_id = ?", [rid]).fetchall()[0][
+            0
+        ]
+    )
+    size = sum(
+        f.stat().st_size
+        for d in (st.root / "arrays" / f"run{rid:06d}", st.root / "features" / f"run{rid:06d}")
+        if d.exists()
+        for f in d.rglob("*")
+        if f.is_file()
+    )
+    return RunSummary(
+        name,
+        "resumed" if resumed else "ingested",
+        n_prompts,
+        n_tokens,
+        rows,
+        size,
+        time.monotonic() - t0,
+    )
+
+
+def _token_table(
+    batch: list[_pos.TokenizedPrompt], sels: list[_pos.Selection], tok: Any
+) -> pa.Table:
+    cols: dict[str, list[Any]] = {
+        k: []
+        for k in (
+            "prompt_idx",
+            "position",
+            "token_id",
+            "token_text",
+            "position_role",
+            "pos_from_end",
+            "in_span",
+            "is_completion",
+            "row",
+        )
+    }
+    row = 0
+    for tp, sel in zip(batch, sels, strict=True):
+        ids = tp.all_ids
+        texts = tok.convert_ids_to_tokens(ids)
+        for j, (tid, text) in enumerate(zip(ids, texts, strict=True)):
+            cols["prompt_idx"].append(tp.prompt_idx)
+            cols["position"].append(j)
+            cols["token_id"].append(int(tid))
+            cols["token_text"].append(text)
+            cols["position_role"].append(sel.roles[j])
+            cols["pos_from_end"].append(j - tp.n_prompt)
+            cols["in_span"].append(sel.in_span[j])
+            cols["is_completion"].append(j >= tp.n_prompt)
+            if sel.stored[j]:
+                cols["row"].append(row)
+                row += 1
+            else:
+                cols["row"].append(None)
+    return pa.table(
+        {k: pa.array(v, type=pa.int64() if k == "row" else None) for k, v in cols.items()}
+    )
+
+
+def run_job(
+    job: IngestJob | str | os.PathLike[str],
+    *,
+    quiet: bool | None = None,
+    edit: EditContext | None = None,
+    **overrides: Any,
+) -> IngestSummary:
+    """Run an ingest job: every checkpoint over every prompt set, into the job's store.
+
+    Re-running a finished job adds nothing; a killed job resumes after its last
+    committed batch and ends identical to an uninterrupted run.
+
+    Parameters
+    ----------
+    job
+        An :class:`IngestJob` or the path of a TOML job file.
+    quiet
+        No progress bar (default: quiet unless standard error is a terminal).
+    edit
+        Apply an edit while running (``actstore.edits`` builds this); the runs are
+        named ``{checkpoint}/{prompts}+{edit}`` and linked to the unedited runs.
+    **overrides
+        Job settings to replace (see :meth:`IngestJob.with_overrides`).
+
+    Example
+    -------
+    >>> summary = run_job("job.toml", batch_size=16, quiet=True)  # doctest: +SKIP
+    >>> [r.status for r in summary.runs]  # doctest: +SKIP
+    ['ingested', 'ingested']
+    """
+    t0 = time.monotonic()
+    if not isinstance(job, IngestJob):
+        job = IngestJob.from_toml(Path(job))
+    job = job.with_overrides(**overrides)
+    if quiet is None:
+        quiet = not sys.stderr.isatty()
+    p = plan(job)
+    st = actstore.open(job.store, create=True)
+    model_id = objects.add_model(
+        st,
+        name=job.model.name
+        or Path(job.model.path or next(iter(p.checkpoint_paths.values()))[0]).name,
+        family=p.adapter.family,
+        architecture=(p.config.architectures or [""])[0],
+        n_layers=p.adapter.n_layers,
+        d_model=p.adapter.d_model,
+        d_mlp=p.adapter.d_mlp,
+        d_vocab=int(getattr(p.config, "vocab_size", 0) or 0),
+        tokenizer_hash=p.tok_hash,
+        config=p.config.to_dict(),
+    )
+    summary = IngestSummary(str(st.root))
+    for c in job.checkpoints:
+        path, rev = p.checkpoint_paths[c.label]
+        ck = load_checkpoint(
+            path,
+            label=c.label,
+            revision=rev,
+            dtype=job.model.dtype,
+            quantization=job.model.quantization,
+            device=p.device,
+            trust_remote_code=job.model.trust_remote_code,
+        )
+        cid = objects.add_checkpoint(
+            st,
+            model_id=model_id,
+            label=c.label,
+            path=path,
+            revision=rev,
+            weights_hash=ck.weights_hash,
+        )
+        for ps in p.prompt_sets:
+            summary.runs.append(_ingest_run(st, p, ck, ps, cid, quiet, edit))
+        del ck
+    summary.seconds = time.monotonic() - t0
+    return summary
