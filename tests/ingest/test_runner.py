@@ -392,3 +392,45 @@ def test_sae_hook_or_width_mismatch_is_refused(tmp_path, llama_dir):
     d = job_dict(tmp_path, llama_dir, hooks=["blocks.1.hook_resid_post"])
     d["saes"] = [{"path": str(bad)}]
     _fails(tmp_path, d, InputError, r"16.*32|32.*16")
+
+
+@pytest.fixture(scope="module")
+def llama64_dir(tmp_path_factory):
+    """A Llama 64 wide: bitsandbytes' CPU 4-bit kernels need in_features >= their block size (64)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+    d = tmp_path_factory.mktemp("llama64")
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("quantization", ["8bit", "4bit"])
+def test_bitsandbytes_quantized_ingest_on_cpu(tmp_path, llama64_dir, quantization):
+    llama_dir = llama64_dir
+    d = job_dict(tmp_path, llama_dir, hooks=["blocks.0.hook_resid_post"])
+    d["model"]["quantization"] = quantization
+    d["model"]["device"] = "cpu"
+    run_job(IngestJob.from_dict(d), quiet=True)
+    st = actstore.open(d["store"])
+    assert st.sql("SELECT quantization FROM runs").fetchall() == [(quantization,)]
+    prov = json.loads(st.sql("SELECT provenance FROM runs").fetchall()[0][0])
+    assert prov["model"]["quantization"] == quantization and "bitsandbytes" in prov["versions"]
+    texts = [p[0] for p in st.sql("SELECT text FROM prompts ORDER BY prompt_idx").fetchall()]
+    ref = np.concatenate([r[0] for r in reference_resid(llama_dir, texts)])
+    got = st.acts("main/pairs", "blocks.0.hook_resid_post").numpy()
+    rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+    assert 0 < rel < 0.25, f"quantized activations differ from float32 by {rel:.3f}"
