@@ -17,4 +17,7 @@ __version__ = "0.1.0"
 from actstore.errors import ActstoreError  # noqa: E402
 from actstore.store import Acts, Result, Store, open  # noqa: E402
 
+# named queries and array functions join every store's SQL session
+import actstore.queries  # noqa: E402
+
 __all__ = ["Acts", "ActstoreError", "Result", "Store", "__version__", "open"]
