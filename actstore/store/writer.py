@@ -13,9 +13,10 @@ protocol makes a batch visible all at once or not at all:
 
 A process killed before step 3 leaves the store as it was. Arrays are sharded,
 and a partial write of a shard re-reads and re-writes it, so the writer buffers
-rows and writes whole shards; a batch is committed once all its rows are on disk.
-To bound how much work a kill can lose, it also flushes (writing the partial
-last shard) every ``commit_interval`` seconds and on :meth:`RunWriter.close`.
+rows and writes whole shards (and a batch's feature part once its rows are on
+disk). A catalog transaction costs 50-100 ms, so commits are batched too: the
+writer commits every ``commit_interval`` seconds (writing the partial last
+shard then) and on :meth:`RunWriter.close`, which bounds the work a kill can lose.
 
 Example
 -------
@@ -175,6 +176,8 @@ class RunWriter:
                 buf.blocks.append(np.asarray(head))
             self._buffers[a["hook"]] = buf
         self._pending: list[_Pending] = []
+        # batches whose rows (and feature parts) are on disk, waiting for the next commit
+        self._durable: list[tuple[list[_Pending], list[dict[str, Any]]]] = []
         self._next_row = self.committed_rows
         self._last_commit = time.monotonic()
 
@@ -281,6 +284,7 @@ class RunWriter:
         >>> w.abort()  # doctest: +SKIP
         """
         self._pending = []
+        self._durable = []
         if self._lock is not None:
             self._lock.release()
             self._lock = None
@@ -296,21 +300,26 @@ class RunWriter:
             self._lock = None
 
     def _flush(self, partial: bool) -> int:
-        if not self._pending:
+        """Write what fills whole shards (everything if ``partial``); commit if it is time."""
+        if self._pending:
+            for buf in self._buffers.values():
+                buf.write(partial)
+            durable = min((b.disk_rows for b in self._buffers.values()), default=self._next_row)
+            ready = [p for p in self._pending if p.first_row + p.n_rows <= durable]
+            if ready:
+                # feature parts are written as soon as their rows are on disk (bounded memory);
+                # they stay invisible until the commit lists them
+                self._durable.append((ready, self._write_parts(ready)))
+                self._pending = self._pending[len(ready) :]
+        due = partial or time.monotonic() - self._last_commit > self.commit_interval
+        if not (due and self._durable):
             return 0
-        for buf in self._buffers.values():
-            buf.write(partial)
-        durable = min((b.disk_rows for b in self._buffers.values()), default=self._next_row)
-        ready = [p for p in self._pending if p.first_row + p.n_rows <= durable]
-        if not ready:
-            return 0
-        self._commit(ready)
-        self._pending = self._pending[len(ready) :]
+        groups, self._durable = self._durable, []
+        self._commit(groups)
         self._last_commit = time.monotonic()
-        return len(ready)
+        return sum(len(g) for g, _ in groups)
 
-    def _commit(self, batches: Sequence[_Pending]) -> None:
-        root = self.store.root
+    def _write_parts(self, batches: Sequence[_Pending]) -> list[dict[str, Any]]:
         first_row = batches[0].first_row
         end_row = batches[-1].first_row + batches[-1].n_rows
         parts: list[dict[str, Any]] = []
@@ -320,7 +329,7 @@ class RunWriter:
             feats = np.concatenate([f for _, _, f, _ in chunks])
             vals = np.concatenate([v for _, _, _, v in chunks])
             rel = _features.write_part(
-                root,
+                self.store.root,
                 run_id=self.run_id,
                 sae_id=sae_id,
                 first_row=first_row,
@@ -329,7 +338,21 @@ class RunWriter:
                 features=feats,
                 values=vals,
             )
-            parts.append({"sae_id": sae_id, "path": rel, "n_nonzero": int(np.count_nonzero(vals))})
+            parts.append(
+                {
+                    "sae_id": sae_id,
+                    "path": rel,
+                    "first_row": first_row,
+                    "n_rows": end_row - first_row,
+                    "n_nonzero": int(np.count_nonzero(vals)),
+                }
+            )
+        return parts
+
+    def _commit(self, groups: Sequence[tuple[Sequence[_Pending], list[dict[str, Any]]]]) -> None:
+        batches = [b for g, _ in groups for b in g]
+        parts = [p for _, ps in groups for p in ps]
+        end_row = batches[-1].first_row + batches[-1].n_rows
         tokens = pa.concat_tables([_token_rows(b, self.run_id) for b in batches])
         gens = [g for b in batches if (g := b.generations) is not None]
         scs = [s for b in batches if (s := b.scores) is not None]
@@ -346,16 +369,19 @@ class RunWriter:
                     for b in batches
                 ],
             )
-            for p in parts:
-                con.execute(
+            if parts:
+                con.executemany(
                     "INSERT INTO feature_files VALUES (?, ?, ?, ?, ?, ?)",
                     [
-                        self.run_id,
-                        p["sae_id"],
-                        p["path"],
-                        first_row,
-                        end_row - first_row,
-                        p["n_nonzero"],
+                        [
+                            self.run_id,
+                            p["sae_id"],
+                            p["path"],
+                            p["first_row"],
+                            p["n_rows"],
+                            p["n_nonzero"],
+                        ]
+                        for p in parts
                     ],
                 )
             for table, extra in (("generations", gens), ("scores", scs)):
