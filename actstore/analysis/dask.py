@@ -1,0 +1,798 @@
+"""Analyses on Dask: PCA/SVD and contrast statistics over ``dask.array`` views of a run's arrays.
+
+The in-process analyses (:mod:`actstore.analysis.pca`, :mod:`~actstore.analysis.contrast`)
+stream blocks through one process. Here the same computations are expressed on
+a ``dask.array`` view of the Zarr arrays, so that the blocks are read and
+reduced by Dask workers: threads of this process by default, a
+``dask.distributed.LocalCluster``, or any cluster a ``distributed.Client``
+points at (the workers must see the store's directory, e.g. on a shared file
+system; they read the Zarr chunks themselves, and only D x D partial sums travel).
+
+The view (:func:`to_dask`) is built the way every analysis picks rows: SQL over
+``labeled_tokens`` chooses the rows (a :class:`~actstore.analysis.rows.Selection`,
+bounded by the committed ``n_rows``), then ``dask.array.from_zarr`` over the
+committed rows ``[:n_rows]`` is indexed by that row index and converted to float
+block by block. The tasks use only numpy, zarr and dask, so workers start fast and
+need neither actstore nor torch.
+
+:func:`pca` takes the same parameters as :func:`actstore.analysis.pca.pca` plus
+``engine`` and ``client``, and returns the same :class:`~actstore.analysis.pca.PCAResult`
+(stored the same way). ``exact`` accumulates ``X^T X`` and the column sums in one
+pass after a shift by the first block's mean; ``randomized`` runs the same streamed
+range finder with the same random start. :func:`contrast_stats` gives the class
+means, the between/within variance ratio and the mean-difference direction of
+:func:`~actstore.analysis.contrast.contrast` (unpaired; the probes and AUROCs stay
+in-process) from one pass of per-class sums. Both equal the in-process results
+within float64 rounding.
+
+Example
+-------
+>>> from distributed import Client, LocalCluster
+>>> from actstore.analysis import dask as adask
+>>> with Client(LocalCluster(n_workers=2, threads_per_worker=1)) as client:  # doctest: +SKIP
+...     res = adask.pca(st, run="backdoored/pairs", hooks="blocks.2.hook_resid_post", k=5,
+...                     client=client)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import ml_dtypes
+import numpy as np
+import pyarrow as pa
+
+from actstore.analysis.groups import labelled_rows
+from actstore.analysis.pca import PCAFit, PCAResult, _sign_fix
+from actstore.analysis.pca import pca as local_pca
+from actstore.analysis.results import (
+    check_names_free,
+    jsonable,
+    provenance,
+    save_analysis,
+    save_direction,
+)
+from actstore.analysis.rows import (
+    Params,
+    RunInfo,
+    Selection,
+    default_block_rows,
+    require_rows,
+    resolve_hooks,
+    run_info,
+    select,
+)
+from actstore.errors import ActstoreError, InputError, SpecError
+
+if TYPE_CHECKING:
+    import dask.array as da
+
+    from actstore.store.store import Store
+
+Engine = Literal["dask", "local"]
+"""``dask``: compute on Dask; ``local``: the in-process streamed implementation."""
+
+
+class MissingDependencyError(ActstoreError, ImportError):
+    """An optional dependency (here Dask) is not installed."""
+
+
+def _dask_array_module() -> Any:
+    try:
+        import dask.array
+    except ImportError as e:  # pragma: no cover - dask is installed where this is tested
+        raise MissingDependencyError(
+            "the dask engine needs Dask: pip install 'dask[array]' distributed "
+            "(or pass engine='local')"
+        ) from e
+    return dask.array
+
+
+def local_client(n_workers: int = 2, threads_per_worker: int = 1, **cluster: Any) -> Any:
+    """A ``distributed.Client`` on a new ``LocalCluster`` of worker processes (close it after).
+
+    Parameters
+    ----------
+    n_workers, threads_per_worker
+        Worker processes and threads in each.
+    **cluster
+        Other ``LocalCluster`` arguments (``memory_limit``, ``dashboard_address``...).
+
+    Example
+    -------
+    >>> with local_client(2) as client:  # doctest: +SKIP
+    ...     pca(st, run="r", hooks="blocks.1.hook_resid_post", k=3, client=client)
+    """
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError as e:  # pragma: no cover
+        raise MissingDependencyError(
+            "a local Dask cluster needs dask.distributed: pip install distributed"
+        ) from e
+    opts = {
+        "processes": True,
+        "dashboard_address": None,
+        "silence_logs": logging.WARNING,
+        **cluster,
+    }
+    return Client(LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, **opts))
+
+
+def _compute(client: Any, *xs: Any) -> tuple[Any, ...]:
+    import dask
+
+    if client is None:
+        return tuple(dask.compute(*xs))
+    return tuple(dask.compute(*xs, scheduler=client))
+
+
+def _view(
+    store: Store,
+    info: RunInfo,
+    hooks: Sequence[str],
+    rows: np.ndarray,
+    block_rows: int | None,
+    dtype: Any,
+) -> da.Array:
+    dam = _dask_array_module()
+    n = min(int(info.row(h)["n_rows"]) for h in hooks)
+    chunk = max(int(info.row(h)["chunk_rows"]) for h in hooks)
+    if block_rows is None:  # whole Zarr chunks per Dask block
+        step = default_block_rows(sum(info.width(h) for h in hooks))
+        step = max(chunk, step // chunk * chunk)
+    elif int(block_rows) < 1:
+        raise InputError(f"block_rows must be a positive number of rows, not {block_rows}")
+    else:
+        step = int(block_rows)
+    rows = np.asarray(rows, np.int64)
+    if rows.size and (rows.min() < 0 or rows.max() >= n):
+        raise InputError(f"rows outside the {n} committed rows of run {info.name!r}")
+    contiguous = rows.size == 0 or int(rows[-1]) - int(rows[0]) + 1 == rows.size
+    cols = []
+    for h in hooks:
+        meta = info.row(h)
+        x = dam.from_zarr(str(store.root / meta["path"]), chunks=(step, int(meta["d"])))[:n]
+        if contiguous:
+            x = x[int(rows[0]) : int(rows[0]) + rows.size] if rows.size else x[:0]
+        else:
+            x = x[rows]
+        if meta["dtype"] == "bfloat16":  # stored as its uint16 bits
+            x = x.view(ml_dtypes.bfloat16)
+        # plain numpy casts (not actstore's torch path): workers then import only
+        # numpy, zarr and dask, and the cast costs little next to the D x D products
+        cols.append(x.astype(np.dtype(dtype)))
+    return cols[0] if len(cols) == 1 else dam.concatenate(cols, axis=1)
+
+
+def to_dask(
+    store: Store,
+    *,
+    run: str | int,
+    hooks: str | Sequence[str],
+    where: str | None = None,
+    params: Params = None,
+    dtype: Any = np.float64,
+    block_rows: int | None = None,
+) -> tuple[da.Array, Selection]:
+    """A lazy ``(N, D)`` Dask array of the rows a SQL predicate selects, and the selection.
+
+    Several hooks are placed side by side. Nothing is read until the array is computed.
+
+    Parameters
+    ----------
+    run, hooks, where, params
+        As for every analysis: the run, hook(s) or a glob, and the SQL predicate over
+        ``labeled_tokens`` with its bound parameters.
+    dtype
+        Float dtype of the blocks (stored float16/bfloat16 are converted blockwise).
+    block_rows
+        Rows per Dask block (default: about 64 MiB of float64, in whole Zarr chunks).
+
+    Example
+    -------
+    >>> X, sel = to_dask(st, run="r", hooks="blocks.1.hook_resid_post", where="triggered")  # doctest: +SKIP
+    >>> X.mean(axis=0).compute().shape  # doctest: +SKIP
+    (64,)
+    """
+    info = run_info(store, run)
+    hook_list = resolve_hooks(store, info, hooks)
+    sel = select(store, run=info, where=where, params=params, hooks=hook_list)
+    return _view(store, info, hook_list, sel.rows, block_rows, dtype), sel
+
+
+# -- PCA -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Stats:
+    n: int
+    shift: np.ndarray
+    s1: np.ndarray
+    s2: np.ndarray
+    center: bool
+
+    @property
+    def denom(self) -> float:
+        return float(self.n - 1) if self.center else float(self.n)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.shift + self.s1 / self.n
+
+    @property
+    def total(self) -> float:
+        diag = self.s2 - self.s1**2 / self.n if self.center else self.s2
+        return float(diag.sum() / self.denom)
+
+
+def _shifted(X: da.Array, center: bool, client: Any) -> tuple[da.Array, np.ndarray]:
+    """X minus the first block's mean (so a large common offset does not cancel)."""
+    if not center:
+        return X, np.zeros(X.shape[1])
+    (shift,) = _compute(client, X[: X.chunks[0][0]].mean(axis=0))
+    return X - shift, np.asarray(shift, np.float64)
+
+
+def _exact(X: da.Array, k: int, center: bool, client: Any) -> tuple[np.ndarray, np.ndarray, _Stats]:
+    Xs, shift = _shifted(X, center, client)
+    S_DD, s1 = _compute(client, Xs.T @ Xs, Xs.sum(axis=0))
+    st = _Stats(X.shape[0], shift, np.asarray(s1), np.diag(S_DD).copy(), center)
+    if center:
+        S_DD = S_DD - np.outer(s1, s1) / st.n
+    evals, evecs = np.linalg.eigh(S_DD / st.denom)
+    top = np.argsort(evals)[::-1][:k]
+    return np.clip(evals[top], 0.0, None), evecs[:, top].T, st
+
+
+def _randomized(
+    X: da.Array, k: int, center: bool, oversample: int, n_iter: int, seed: int, client: Any
+) -> tuple[np.ndarray, np.ndarray, _Stats]:
+    d = X.shape[1]
+    omega_DL = np.random.default_rng(seed).standard_normal((d, min(d, k + oversample)))
+    Xs, shift = _shifted(X, center, client)
+    Z_DL, s1, s2 = _compute(client, Xs.T @ (Xs @ omega_DL), Xs.sum(axis=0), (Xs**2).sum(axis=0))
+    st = _Stats(X.shape[0], shift, np.asarray(s1), np.asarray(s2), center)
+
+    def cov_times(Q_DL: np.ndarray, raw: np.ndarray | None = None) -> np.ndarray:
+        Z = raw if raw is not None else _compute(client, Xs.T @ (Xs @ Q_DL))[0]
+        if center:
+            Z = Z - np.outer(st.s1, st.s1 @ Q_DL) / st.n
+        return np.asarray(Z / st.denom)
+
+    Z_DL = cov_times(omega_DL, Z_DL)
+    for _ in range(n_iter):
+        Z_DL = cov_times(np.linalg.qr(Z_DL)[0])
+    Q_DL, _ = np.linalg.qr(Z_DL)
+    T_LL = Q_DL.T @ cov_times(Q_DL)
+    evals, W = np.linalg.eigh((T_LL + T_LL.T) / 2)
+    top = np.argsort(evals)[::-1][:k]
+    return np.clip(evals[top], 0.0, None), (Q_DL @ W[:, top]).T, st
+
+
+def pca(
+    store: Store,
+    *,
+    run: str | int,
+    hooks: str | Sequence[str],
+    where: str | None = None,
+    params: Params = None,
+    k: int = 10,
+    center: bool = True,
+    combine: Literal["concat", "separate"] = "separate",
+    method: Literal["auto", "exact", "randomized"] = "auto",
+    exact_max_d: int = 4096,
+    oversample: int = 10,
+    n_iter: int = 4,
+    seed: int = 0,
+    block_rows: int | None = None,
+    project: bool = True,
+    name: str | None = None,
+    save: bool = True,
+    replace: bool = False,
+    engine: Engine = "dask",
+    client: Any = None,
+) -> PCAResult:
+    """:func:`actstore.analysis.pca.pca` computed on Dask (or in-process with ``engine="local"``).
+
+    Parameters
+    ----------
+    store, run, hooks, where, params, k, center, combine, method, exact_max_d, oversample, n_iter, seed, project, name, save, replace
+        As for :func:`actstore.analysis.pca.pca`.
+    block_rows
+        Rows per Dask block (a task reads and reduces one block).
+    engine
+        ``"dask"`` (default) or ``"local"`` (the in-process implementation).
+    client
+        A ``distributed.Client`` (e.g. :func:`local_client`) or a Dask scheduler name
+        (``"threads"``, ``"synchronous"``); None: Dask's default (the active
+        distributed client if there is one, else threads).
+
+    Returns
+    -------
+    PCAResult
+        As the in-process PCA (``params["engine"]`` records the engine).
+
+    Example
+    -------
+    >>> res = pca(st, run="r", hooks="blocks.2.hook_resid_post", k=3, client=client)  # doctest: +SKIP
+    >>> res.explained_variance_ratio  # doctest: +SKIP
+    """
+    if engine == "local":
+        return local_pca(
+            store,
+            run=run,
+            hooks=hooks,
+            where=where,
+            params=params,
+            k=k,
+            center=center,
+            combine=combine,
+            method=method,
+            exact_max_d=exact_max_d,
+            oversample=oversample,
+            n_iter=n_iter,
+            seed=seed,
+            block_rows=block_rows,
+            project=project,
+            name=name,
+            save=save,
+            replace=replace,
+        )
+    if engine != "dask":
+        raise SpecError(f"engine must be 'dask' or 'local', not {engine!r}")
+    if combine not in ("concat", "separate"):
+        raise SpecError(f"combine must be 'concat' or 'separate', not {combine!r}")
+    if method not in ("auto", "exact", "randomized"):
+        raise SpecError(f"method must be 'auto', 'exact' or 'randomized', not {method!r}")
+    if k < 1:
+        raise SpecError(f"k must be at least 1, not {k}")
+    info = run_info(store, run)
+    hook_list = resolve_hooks(store, info, hooks)
+    groups = [tuple(hook_list)] if combine == "concat" else [(h,) for h in hook_list]
+    name = name or f"pca:{info.name}"
+    call = dict(
+        run=run,
+        hooks=hook_list,
+        where=where,
+        params=params,
+        k=k,
+        center=center,
+        combine=combine,
+        method=method,
+        exact_max_d=exact_max_d,
+        oversample=oversample,
+        n_iter=n_iter,
+        seed=seed,
+        block_rows=block_rows,
+        project=project,
+        engine="dask",
+    )
+    widths = {g: sum(info.width(h) for h in g) for g in groups}
+    for g, d in widths.items():
+        if k > d:
+            raise SpecError(f"k={k} exceeds the width {d} of {'+'.join(g)}")
+    if save:
+        names = []
+        for g in groups:
+            label = "+".join(g)
+            names += [f"{name}/pc{i}/{label}" for i in range(k)] + [f"{name}/mean/{label}"]
+        check_names_free(store, names, replace=replace)
+
+    sel = select(store, run=info, where=where, params=params, hooks=hook_list)
+    require_rows(sel, "PCA", 2)
+    fits: dict[str, PCAFit] = {}
+    for g in groups:
+        X = _view(store, info, g, sel.rows, block_rows, np.float64)
+        d = widths[g]
+        use = (
+            "exact"
+            if method == "exact" or (method == "auto" and d <= exact_max_d)
+            else "randomized"
+        )
+        if use == "exact":
+            evals, V_KD, st = _exact(X, k, center, client)
+        else:
+            evals, V_KD, st = _randomized(X, k, center, oversample, n_iter, seed, client)
+        V_KD = _sign_fix(V_KD)
+        mean = st.mean
+        proj_NK = None
+        if project:
+            (proj_NK,) = _compute(client, ((X - mean) if center else X) @ V_KD.T)
+        total = st.total
+        label = "+".join(g)
+        fits[label] = PCAFit(
+            hooks=g,
+            method=use,
+            n=sel.n,
+            mean=mean,
+            components=V_KD,
+            explained_variance=evals,
+            explained_variance_ratio=evals / total if total > 0 else np.zeros_like(evals),
+            singular_values=np.sqrt(evals * st.denom),
+            total_variance=total,
+            projections=None if proj_NK is None else np.asarray(proj_NK),
+            direction_names=tuple(f"{name}/pc{i}/{label}" for i in range(k)) if save else (),
+        )
+    result = PCAResult(
+        name=name, run=sel.run, where=where, fits=fits, meta=sel.meta, center=center, params=call
+    )
+    if not save:
+        return result
+    # stored exactly as the in-process PCA stores its result
+    prov = provenance(
+        store,
+        runs={sel.run: sel.run_id},
+        where=where,
+        params=params,
+        n_rows=sel.n,
+        block_rows=block_rows,
+        engine="dask",
+    )
+    aid = save_analysis(
+        store, name=name, kind="pca", params=call, result=result.to_dict(), provenance=prov
+    )
+    for label, f in fits.items():
+        hook = f.hooks[0] if len(f.hooks) == 1 else label
+        for i, dn in enumerate(f.direction_names):
+            save_direction(
+                store,
+                name=dn,
+                vector=f.components[i],
+                hook=hook,
+                method="pca",
+                run_id=sel.run_id,
+                analysis_id=aid,
+                params={
+                    "component": i,
+                    "explained_variance_ratio": f.explained_variance_ratio[i],
+                    "center": center,
+                    "where": where,
+                    "n": f.n,
+                },
+                replace=replace,
+            )
+        save_direction(
+            store,
+            name=f"{name}/mean/{label}",
+            vector=f.mean,
+            hook=hook,
+            method="pca_mean",
+            run_id=sel.run_id,
+            analysis_id=aid,
+            params={"where": where, "n": f.n},
+            replace=replace,
+        )
+    return dataclasses.replace(result, analysis_id=aid)
+
+
+# -- contrast statistics ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ContrastStatsLayer:
+    """Class statistics of two groups of rows at one hook."""
+
+    hook: str
+    """The hook."""
+    layer: int | None
+    """Its layer."""
+    n: tuple[int, int]
+    """Rows (positive, negative)."""
+    n_train: tuple[int, int]
+    """Training rows (positive, negative): those the mean difference is fitted on."""
+    mean_pos: np.ndarray
+    """(D,) mean of the positive rows (all rows)."""
+    mean_neg: np.ndarray
+    """(D,) mean of the negative rows (all rows)."""
+    mean_diff: np.ndarray
+    """(D,) mean(positive) - mean(negative) over the training rows: contrast's ``mean_diff``."""
+    variance_ratio: float
+    """Between-group over within-group variance over all the rows (as contrast's)."""
+    direction_name: str | None = None
+    """The stored mean-difference direction, if saved."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (the direction by name and norm).
+
+        Example
+        -------
+        >>> layer.to_dict()["variance_ratio"]  # doctest: +SKIP
+        """
+        return {
+            "hook": self.hook,
+            "layer": self.layer,
+            "n": list(self.n),
+            "n_train": list(self.n_train),
+            "mean_diff_norm": float(np.linalg.norm(self.mean_diff)),
+            "variance_ratio": self.variance_ratio,
+            "direction_name": self.direction_name,
+        }
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ContrastStatsResult:
+    """:func:`contrast_stats` over several hooks."""
+
+    name: str
+    """The analysis name (prefix of the stored directions)."""
+    run: str
+    """The run."""
+    groups: dict[str, str | None]
+    """How the groups were defined: ``group`` or ``positive``/``negative``."""
+    where: str | None
+    """The SQL predicate that chose the rows."""
+    split: str | None
+    """The split used for the mean difference."""
+    layers: tuple[ContrastStatsLayer, ...]
+    """One entry per hook, in the order given."""
+    n_dropped: int = 0
+    """Selected rows in neither group."""
+    analysis_id: int | None = None
+    """The stored analysis, if saved."""
+    params: dict[str, Any] = field(default_factory=dict)
+    """The call's parameters."""
+
+    def layer(self, hook: str | None = None) -> ContrastStatsLayer:
+        """The entry of ``hook`` (default: the only one).
+
+        Example
+        -------
+        >>> res.layer("blocks.2.hook_resid_post").variance_ratio  # doctest: +SKIP
+        """
+        if hook is None:
+            if len(self.layers) != 1:
+                raise SpecError(f"these statistics cover {len(self.layers)} hooks; pass hook=")
+            return self.layers[0]
+        for e in self.layers:
+            if e.hook == hook:
+                return e
+        raise SpecError(
+            f"hook {hook!r} not in these statistics; they have {[e.hook for e in self.layers]}"
+        )
+
+    def summary(self) -> pa.Table:
+        """One row per hook: counts, the variance ratio and the mean difference's norm.
+
+        Example
+        -------
+        >>> res.summary().to_pandas()  # doctest: +SKIP
+        """
+        return pa.Table.from_pylist(
+            [
+                {
+                    "hook": e.hook,
+                    "layer": e.layer,
+                    "n_pos": e.n[0],
+                    "n_neg": e.n[1],
+                    "variance_ratio": e.variance_ratio,
+                    "mean_diff_norm": float(np.linalg.norm(e.mean_diff)),
+                    "direction": e.direction_name,
+                }
+                for e in self.layers
+            ]
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for JSON.
+
+        Example
+        -------
+        >>> res.to_dict()["layers"][0]["variance_ratio"]  # doctest: +SKIP
+        """
+        return jsonable(
+            {
+                "name": self.name,
+                "run": self.run,
+                "groups": self.groups,
+                "where": self.where,
+                "split": self.split,
+                "n_dropped": self.n_dropped,
+                "analysis_id": self.analysis_id,
+                "layers": [e.to_dict() for e in self.layers],
+            }
+        )
+
+
+def _cell_sums(
+    store: Store,
+    sel: Selection,
+    hook: str,
+    cell_N: np.ndarray,
+    block_rows: int | None,
+    engine: Engine,
+    client: Any,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Shift (D,), per-cell sums of shifted rows (4, D) and of their squared norms (4,)."""
+    onehot_NC = np.zeros((sel.n, 4))
+    onehot_NC[np.arange(sel.n), cell_N] = 1.0
+    if engine == "local":
+        shift = None
+        sums_CD = np.zeros((4, sel.info.width(hook)))
+        sq_C = np.zeros(4)
+        for sl, block in sel.blocks(store, [hook], block_rows=block_rows):
+            if shift is None:
+                shift = block.mean(axis=0)
+            b = block - shift
+            sums_CD += onehot_NC[sl].T @ b
+            sq_C += onehot_NC[sl].T @ np.einsum("ij,ij->i", b, b)
+        assert shift is not None
+        return shift, sums_CD, sq_C
+    dam = _dask_array_module()
+    X = _view(store, sel.info, [hook], sel.rows, block_rows, np.float64)
+    Xs, shift = _shifted(X, True, client)
+    G = dam.from_array(onehot_NC, chunks=(X.chunks[0], 4))
+    sums_CD, sq_C = _compute(client, G.T @ Xs, G.T @ (Xs**2).sum(axis=1))
+    return shift, np.asarray(sums_CD), np.asarray(sq_C)
+
+
+def contrast_stats(
+    store: Store,
+    *,
+    run: str | int,
+    hooks: str | Sequence[str],
+    group: str | None = None,
+    positive: str | None = None,
+    negative: str | None = None,
+    where: str | None = None,
+    params: Params = None,
+    split: str | None = "random",
+    test_fraction: float = 0.25,
+    seed: int = 0,
+    block_rows: int | None = None,
+    name: str | None = None,
+    save: bool = True,
+    replace: bool = False,
+    engine: Engine = "dask",
+    client: Any = None,
+) -> ContrastStatsResult:
+    """Class means, between/within variance ratio and mean-difference direction, on Dask.
+
+    The groups, rows and split are chosen exactly as by
+    :func:`actstore.analysis.contrast.contrast`, so ``mean_diff`` equals its
+    ``mean_diff`` direction and ``variance_ratio`` its variance ratio (within
+    float rounding). One pass over the rows per hook.
+
+    Parameters
+    ----------
+    group, positive, negative, where, params, split, test_fraction, seed
+        As for :func:`~actstore.analysis.contrast.contrast` (no matched pairs here).
+    block_rows
+        Rows per block.
+    name, save, replace
+        Analysis name (default ``contrast_stats:{group}``); store the analysis and the
+        directions ``{name}/mean_diff/{hook}``; overwrite directions of those names.
+    engine, client
+        As for :func:`pca`.
+
+    Returns
+    -------
+    ContrastStatsResult
+
+    Example
+    -------
+    >>> res = contrast_stats(st, run="r", hooks="blocks.*.hook_resid_post", group="triggered",
+    ...                      where="position_role = 'last'", client=client)  # doctest: +SKIP
+    >>> res.summary().to_pandas()[["hook", "variance_ratio"]]  # doctest: +SKIP
+    """
+    if engine not in ("dask", "local"):
+        raise SpecError(f"engine must be 'dask' or 'local', not {engine!r}")
+    info = run_info(store, run)
+    hook_list = resolve_hooks(store, info, hooks)
+    name = name or f"contrast_stats:{group if group is not None else positive}"
+    if save:
+        check_names_free(store, [f"{name}/mean_diff/{h}" for h in hook_list], replace=replace)
+    lab = labelled_rows(
+        store,
+        run=info,
+        hooks=hook_list,
+        where=where,
+        params=params,
+        group=group,
+        positive=positive,
+        negative=negative,
+        split=split,
+        test_fraction=test_fraction,
+        seed=seed,
+    )
+    y, train = lab.y, lab.train
+    if not (y[train].any() and (~y[train]).any()):
+        raise InputError(
+            "both groups need training rows; the training split holds only "
+            f"{'positive' if y[train].all() else 'negative'} rows: check group=/positive=/"
+            "negative= and the split"
+        )
+    cell_N = 2 * y.astype(np.int64) + train.astype(np.int64)  # 0/1: negative, 2/3: positive
+    n_C = np.bincount(cell_N, minlength=4).astype(np.float64)
+    call = dict(
+        run=run,
+        hooks=hook_list,
+        group=group,
+        positive=positive,
+        negative=negative,
+        where=where,
+        params=params,
+        split=split,
+        test_fraction=test_fraction,
+        seed=seed,
+        block_rows=block_rows,
+        engine=engine,
+    )
+    layers = []
+    for hook in hook_list:
+        shift, sums_CD, sq_C = _cell_sums(store, lab.sel, hook, cell_N, block_rows, engine, client)
+        n_pos, n_neg = n_C[2] + n_C[3], n_C[0] + n_C[1]
+        s_pos, s_neg = sums_CD[2] + sums_CD[3], sums_CD[0] + sums_CD[1]
+        mu_pos, mu_neg = s_pos / n_pos, s_neg / n_neg  # shifted coordinates
+        mu = (s_pos + s_neg) / (n_pos + n_neg)
+        between = n_pos * float(np.sum((mu_pos - mu) ** 2)) + n_neg * float(
+            np.sum((mu_neg - mu) ** 2)
+        )
+        within = (sq_C[2] + sq_C[3] - n_pos * float(mu_pos @ mu_pos)) + (
+            sq_C[0] + sq_C[1] - n_neg * float(mu_neg @ mu_neg)
+        )
+        layers.append(
+            ContrastStatsLayer(
+                hook=hook,
+                layer=info.layer(hook),
+                n=(int(n_pos), int(n_neg)),
+                n_train=(int(n_C[3]), int(n_C[1])),
+                mean_pos=shift + mu_pos,
+                mean_neg=shift + mu_neg,
+                mean_diff=sums_CD[3] / n_C[3] - sums_CD[1] / n_C[1],
+                variance_ratio=between / within if within > 0 else float("inf"),
+                direction_name=f"{name}/mean_diff/{hook}" if save else None,
+            )
+        )
+    result = ContrastStatsResult(
+        name=name,
+        run=lab.sel.run,
+        groups={"group": group, "positive": positive, "negative": negative},
+        where=where,
+        split=split,
+        layers=tuple(layers),
+        n_dropped=lab.n_dropped,
+        params=call,
+    )
+    if not save:
+        return result
+    prov = provenance(
+        store,
+        runs={lab.sel.run: lab.sel.run_id},
+        where=where,
+        params=params,
+        n_rows={"train": int(train.sum()), "all": lab.sel.n, "dropped": lab.n_dropped},
+        engine=engine,
+    )
+    aid = save_analysis(
+        store,
+        name=name,
+        kind="contrast_stats",
+        params=call,
+        result=result.to_dict(),
+        provenance=prov,
+    )
+    for e in layers:
+        assert e.direction_name is not None
+        save_direction(
+            store,
+            name=e.direction_name,
+            vector=e.mean_diff,
+            hook=e.hook,
+            method="mean_diff",
+            run_id=lab.sel.run_id,
+            analysis_id=aid,
+            params={
+                "group": group,
+                "positive": positive,
+                "negative": negative,
+                "where": where,
+                "n_train": list(e.n_train),
+                "variance_ratio": e.variance_ratio,
+            },
+            replace=replace,
+        )
+    return dataclasses.replace(result, analysis_id=aid)
