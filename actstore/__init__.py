@@ -2,7 +2,8 @@
 
 Capture residual, attention, MLP and SAE feature activations of Hugging Face
 models into a store of Zarr arrays, Parquet features and a DuckDB catalog, then
-select rows with SQL and analyse them.
+select rows with SQL and analyse them. Importing actstore also adds the named
+queries and array functions (``actstore.queries``) to every store's SQL session.
 
 Example
 -------
@@ -14,10 +15,8 @@ Example
 
 __version__ = "0.1.0"
 
-from actstore.errors import ActstoreError  # noqa: E402
-from actstore.store import Acts, Result, Store, open  # noqa: E402
+from actstore import queries
+from actstore.errors import ActstoreError
+from actstore.store import Acts, Result, Store, open
 
-# named queries and array functions join every store's SQL session
-import actstore.queries  # noqa: E402
-
-__all__ = ["Acts", "ActstoreError", "Result", "Store", "__version__", "open"]
+__all__ = ["Acts", "ActstoreError", "Result", "Store", "__version__", "open", "queries"]
