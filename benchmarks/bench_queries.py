@@ -17,7 +17,7 @@ Prints a markdown table and writes ``benchmarks/results/queries.json``.
    memory in its own format (warm: numpy arrays, a polars DataFrame, actstore's
    native DuckDB cache). Goal: actstore no slower than the faster baseline.
 2. **Rows chosen by SQL** from a (65,536, 4,096) float16 array: ~10k scattered
-   rows picked by a predicate, read with ``actstore.queries.access.read_rows``
+   rows picked by a predicate, read with ``actstore.store.access.read_rows``
    (memory-mapped shards), with zarr (``arrays.read_rows``, today's
    ``Store.acts``) and from a raw ``np.memmap`` of the same bytes. Goal: within
    2x of the memmap.
@@ -51,8 +51,7 @@ from scipy import special, stats
 
 import actstore
 import actstore.queries as q
-from actstore.queries import access
-from actstore.store import arrays, objects
+from actstore.store import access, arrays, objects
 
 ROOT = Path(__file__).resolve().parent
 TOKENS_PER_PROMPT = 64

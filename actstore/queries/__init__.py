@@ -13,7 +13,7 @@ Importing this package adds, to every store's SQL session (see
 * **statistics** DuckDB lacks: ``t_pvalue(t, df)`` and the ``auroc(score, label)``
   aggregate (``actstore.queries.stats``).
 
-:func:`read_rows` (``actstore.queries.access``) reads activation rows straight from
+:func:`read_rows` (``actstore.store.access``) reads activation rows straight from
 memory-mapped shard files of uncompressed arrays, checksums verified.
 
 Example
@@ -28,10 +28,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from actstore.queries import stats, udfs
-from actstore.queries.access import read_rows
 from actstore.queries.cache import clear_feature_cache, feature_cache
 from actstore.queries.macros import install_macros, mark_installed
 from actstore.queries.named import NamedQuery, QueryParam, get_named, list_named, run_named
+from actstore.store.access import read_rows
 from actstore.store.session import register_extension
 
 if TYPE_CHECKING:

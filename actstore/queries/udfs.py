@@ -3,7 +3,7 @@
 SQL picks the rows; these functions read only those rows of the dense arrays.
 DuckDB calls them with a batch of rows at a time (Arrow arrays of ~2048 rows,
 never one Python call per row). A batch's rows are grouped by (run, hook) and
-each group is read with one gather (:func:`actstore.queries.access.read_rows`:
+each group is read with one gather (:func:`actstore.store.access.read_rows`:
 memory-mapped shards for raw arrays, zarr otherwise), then reduced with one
 BLAS call:
 
@@ -41,8 +41,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from actstore.errors import HookNotFoundError, InputError, NotFoundError, RunNotFoundError
-from actstore.queries import access
 from actstore.queries.stats import replace_function
+from actstore.store import access
 from actstore.store import arrays as _arrays
 
 if TYPE_CHECKING:

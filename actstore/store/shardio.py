@@ -26,7 +26,7 @@ A file is written under a temporary name and renamed into place, as zarr's
 shard or the new one, never a mix. The checksums use ``google_crc32c``, the
 implementation zarr's ``Crc32cCodec`` uses.
 
-The layout rules here and in :mod:`actstore.queries.access` (the memory-mapped
+The layout rules here and in :mod:`actstore.store.access` (the memory-mapped
 reader of the same files) are the same; ``tests/store/test_shardio.py`` checks
 that they agree and that the files are identical to zarr's.
 
@@ -143,7 +143,7 @@ def _is_little_bytes(spec: Any, itemsize: int) -> bool:
 def raw_layout(arr: zarr.Array) -> RawShardLayout | None:
     """The layout of ``arr`` if its shard files can be written directly, else None.
 
-    That is (the rules of :func:`actstore.queries.access.shard_layout`): a 2-D Zarr
+    That is (the rules of :func:`actstore.store.access.shard_layout`): a 2-D Zarr
     v3 array on a local disk with the default ``/`` chunk keys, whole-row inner
     chunks and shards, codecs ``bytes`` (little endian) + ``crc32c`` inside the
     shard and the shard index (``bytes`` + ``crc32c``) at the end of the file.

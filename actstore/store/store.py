@@ -26,6 +26,7 @@ from actstore.errors import (
     ReadOnlyError,
     RunNotFoundError,
 )
+from actstore.store import access as _access
 from actstore.store import arrays as _arrays
 from actstore.store.catalog import Catalog, query_arrow
 from actstore.store.format import (
@@ -277,7 +278,7 @@ class Store:
             meta = self._meta_for_rows(rid, sel)
         else:
             sel, meta = self._select_rows(rid, n, where, params)
-        values = _arrays.read_rows(arr, sel, name=f"{info['path']} (run {run!r}, hook {hook!r})")
+        values = _access.read_rows(arr, sel, name=f"{info['path']} (run {run!r}, hook {hook!r})")
         run_name = str(meta.column("run")[0]) if meta.num_rows else str(run)
         return Acts(run_name, hook, sel, meta, values)
 
@@ -301,7 +302,7 @@ class Store:
         name = f"{info['path']} (run {run!r}, hook {hook!r})"
         for a in range(0, sel.size, block_rows):
             rows = sel[a : a + block_rows]
-            vals = _arrays.read_rows(arr, rows, name=name)
+            vals = _access.read_rows(arr, rows, name=name)
             yield Acts(str(run), hook, rows, meta.slice(a, rows.size), vals)
 
     def info(self) -> dict[str, Any]:

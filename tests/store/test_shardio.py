@@ -12,8 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from actstore.errors import CorruptChunkError, InputError
-from actstore.queries import access
-from actstore.store import arrays, shardio
+from actstore.store import access, arrays, shardio
 
 RAW_DTYPES = ["float16", "float32", "bfloat16"]  # all with compression "none"
 

@@ -10,8 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from actstore.errors import CorruptChunkError, InputError
-from actstore.queries import access
-from actstore.store import arrays
+from actstore.store import access, arrays
 
 
 @settings(
