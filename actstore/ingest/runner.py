@@ -60,6 +60,7 @@ from actstore.ingest.scorers import load_scorer, score_generations
 from actstore.ingest.shards import Shard, job_run_names, shard_batches
 from actstore.store import objects
 from actstore.store.format import MARKER
+from actstore.store.writer import fix_mmap_threshold
 
 TORCH_STORE = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -699,6 +700,7 @@ def run_job(
     if quiet is None:
         quiet = not sys.stderr.isatty()
     p = plan(job)
+    fix_mmap_threshold()  # big per-batch buffers go back to the OS: memory stays flat
     st = actstore.open(job.store, create=True)
     model_id = objects.add_model(
         st,

@@ -34,6 +34,8 @@ Example
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import fcntl
 import os
 import time
@@ -94,18 +96,65 @@ class _HookBuffer:
     def end(self) -> int:
         return self.start + sum(b.shape[0] for b in self.blocks)
 
-    def write(self, partial: bool) -> None:
+    def write(self, partial: bool) -> bool:
+        """Write whole shards (everything if ``partial``); return whether anything was written."""
         end = self.end
         upto = end if partial else (end // self.shard_rows) * self.shard_rows
         if upto <= max(self.start, self.disk_rows):
-            return
+            return False
         data = np.concatenate(self.blocks) if len(self.blocks) > 1 else self.blocks[0]
         _arrays.write_rows(self.arr, self.start, data[: upto - self.start])
         self.disk_rows = upto
         keep_from = (upto // self.shard_rows) * self.shard_rows  # start of the open shard
         rest = data[keep_from - self.start :]
-        self.blocks = [rest] if rest.shape[0] else []
+        self.blocks = [rest.copy()] if rest.shape[0] else []  # not a view pinning the shard
         self.start = keep_from
+        return True
+
+
+def _libc_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim: Callable[[int], int] = libc.malloc_trim
+        return trim
+    except (OSError, AttributeError):
+        return None
+
+
+def fix_mmap_threshold(nbytes: int = 4 << 20) -> bool:
+    """Serve blocks over ``nbytes`` by mmap, returned to the OS when freed (glibc only).
+
+    Without this glibc raises its threshold as large blocks are freed, and freed
+    activation and shard buffers stay in the heap. Called by the ingest runner.
+
+    Example
+    -------
+    >>> fix_mmap_threshold() in (True, False)
+    True
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, nbytes))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Give freed heap memory back to the OS (glibc), after shard-sized buffers are freed.
+
+    glibc raises its mmap threshold to the size of freed large blocks (up to 32 MiB),
+    so shard buffers end up in a thread's arena, which keeps them after they are freed:
+    peak memory would grow with the number of shards written between commits.
+
+    Example
+    -------
+    >>> release_freed_memory()
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _as_table(data: pa.Table | Mapping[str, Any] | None, what: str) -> pa.Table | None:
@@ -235,7 +284,9 @@ class RunWriter:
         first_row = self._next_row
         for h, a in arrays.items():
             buf = self._buffers[h]  # buffers hold on-disk bits (uint16 for bfloat16)
-            buf.blocks.append(np.ascontiguousarray(_arrays.to_disk(a, _arrays.logical_dtype(buf.arr))))
+            buf.blocks.append(
+                np.ascontiguousarray(_arrays.to_disk(a, _arrays.logical_dtype(buf.arr)))
+            )
         self._pending.append(
             _Pending(
                 batch_idx=self.next_batch,
@@ -303,8 +354,11 @@ class RunWriter:
     def _flush(self, partial: bool) -> int:
         """Write what fills whole shards (everything if ``partial``); commit if it is time."""
         if self._pending:
+            wrote = False
             for buf in self._buffers.values():
-                buf.write(partial)
+                wrote = buf.write(partial) or wrote
+            if wrote:
+                release_freed_memory()
             durable = min((b.disk_rows for b in self._buffers.values()), default=self._next_row)
             ready = [p for p in self._pending if p.first_row + p.n_rows <= durable]
             if ready:
