@@ -47,6 +47,7 @@ from zarr.storage import LocalStore
 
 from actstore.errors import CorruptChunkError, InputError
 from actstore.store import arrays as _arrays
+from actstore.store.shardio import RawShardLayout
 
 __all__ = ["ShardLayout", "clear_cache", "read_rows", "shard_layout"]
 
@@ -55,56 +56,8 @@ _EMPTY = np.uint64(2**64 - 1)
 MAX_MAPPED_SHARDS = 256
 
 
-@dataclass(frozen=True, slots=True)
-class ShardLayout:
-    """Where the bytes of each row of a raw sharded array are."""
-
-    directory: Path
-    """The array's directory (holding ``zarr.json`` and ``c/``)."""
-    n_rows: int
-    """Rows in the array's shape (allocated, not necessarily committed)."""
-    d: int
-    """Columns."""
-    dtype: np.dtype[Any]
-    """On-disk dtype, little endian."""
-    chunk_rows: int
-    """Rows per inner chunk."""
-    shard_rows: int
-    """Rows per shard file."""
-    fill_value: Any
-    """Value of rows in chunks never written."""
-
-    @property
-    def chunks_per_shard(self) -> int:
-        """Inner chunks per shard file.
-
-        Example
-        -------
-        >>> ShardLayout(Path("a"), 64, 4, np.dtype("<f2"), 8, 32, 0).chunks_per_shard
-        4
-        """
-        return self.shard_rows // self.chunk_rows
-
-    @property
-    def chunk_nbytes(self) -> int:
-        """Bytes of one inner chunk, without its checksum.
-
-        Example
-        -------
-        >>> ShardLayout(Path("a"), 64, 4, np.dtype("<f2"), 8, 32, 0).chunk_nbytes
-        64
-        """
-        return self.chunk_rows * self.d * self.dtype.itemsize
-
-    def shard_path(self, shard: int) -> Path:
-        """The file of shard ``shard`` (``c/{shard}/0``).
-
-        Example
-        -------
-        >>> ShardLayout(Path("a"), 64, 4, np.dtype("<f2"), 8, 32, 0).shard_path(1).as_posix()
-        'a/c/1/0'
-        """
-        return self.directory / "c" / str(shard) / "0"
+#: Where the bytes of each row of a raw sharded array are: the writer's layout.
+ShardLayout = RawShardLayout
 
 
 def _is_codec(spec: Any, name: str) -> bool:
