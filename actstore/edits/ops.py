@@ -40,6 +40,7 @@ Example
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -99,7 +100,7 @@ class _Cached:
         return self._on[key]
 
 
-class EditKind:
+class EditKind(ABC):
     """An op kind: its fields, checks and how it resolves. Subclass and :func:`register`.
 
     Example
@@ -151,14 +152,14 @@ class EditKind:
             source = " (or name a " + " / ".join(self.hook_from) + ")" if self.hook_from else ""
             raise SpecError(f"{where}: {self.name} needs `hook`{source}")
 
+    @abstractmethod
     def resolve(self, op: EditOp, lookup: Lookup) -> ResolvedOp:
-        """Look the op's names up and return the op ready to apply.
+        """Look the op's names up and return the op ready to apply (each kind defines it).
 
         Example
         -------
         >>> rop = get_kind("steer").resolve(op, Lookup(st))  # doctest: +SKIP
         """
-        raise NotImplementedError
 
 
 KINDS: dict[str, EditKind] = {}
@@ -348,8 +349,9 @@ class _SAEFeatures(EditKind):
     required: ClassVar[tuple[str, ...]] = ("features",)
     hook_from = ("sae", "sae_path")
 
+    @abstractmethod
     def modify(self, f_NF: torch.Tensor, feats: torch.Tensor, op: EditOp) -> torch.Tensor:
-        raise NotImplementedError
+        """The edited features (each SAE kind defines it)."""
 
     def resolve(self, op: EditOp, lookup: Lookup) -> ResolvedOp:
         loaded: LoadedSAE = (
