@@ -26,9 +26,7 @@ import dataclasses
 import hashlib
 import json
 import os
-import queue
 import sys
-import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -36,30 +34,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import torch
 
 import actstore
-from actstore.errors import InputError, NotAStoreError
 from actstore.ingest import positions as _pos
-from actstore.ingest.families import adapter_for, expand_hooks
+from actstore.ingest.batches import BackgroundWriter, pad_batch, token_table
 from actstore.ingest.generate import generate, generations_table
 from actstore.ingest.hooks import run_capture
 from actstore.ingest.job import IngestJob
 from actstore.ingest.models import (
     library_versions,
     load_checkpoint,
-    load_tokenizer,
-    resolve_device,
-    tokenizer_hash,
 )
-from actstore.ingest.prompts import load_prompt_table, prepare_prompts
-from actstore.ingest.saes import LoadedSAE, check_sae, encode_sparse, load_sae
+from actstore.ingest.plan import Plan, PromptSet, plan
+from actstore.ingest.saes import encode_sparse
 from actstore.ingest.scorers import load_scorer, score_generations
 from actstore.ingest.shards import Shard, job_run_names, shard_batches
 from actstore.store import objects
-from actstore.store.format import MARKER
 from actstore.store.writer import fix_mmap_threshold
 
 TORCH_STORE = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -138,138 +130,7 @@ class IngestSummary:
         )
 
 
-@dataclass
-class _PromptSet:
-    spec: Any
-    table: pa.Table
-    hash: str
-    tokenized: list[_pos.TokenizedPrompt]
-
-
-@dataclass
-class _Plan:
-    job: IngestJob
-    device: str
-    tokenizer: Any
-    tok_hash: str
-    config: Any
-    adapter: Any
-    hooks: list[str]
-    widths: dict[str, int]
-    policies: tuple[_pos.Policy, ...]
-    prompt_sets: list[_PromptSet]
-    saes: list[LoadedSAE]
-    checkpoint_paths: dict[str, tuple[str, str]]
-
-
-def _check_store_path(path: Path) -> None:
-    if path.is_file():
-        raise NotAStoreError(
-            f"store path {path} is a file; give the job a directory path for the store"
-        )
-    if path.is_dir() and not (path / MARKER).exists() and any(path.iterdir()):
-        raise NotAStoreError(
-            f"store path {path} is a non-empty directory that is not a store; choose a new directory"
-        )
-
-
-def plan(job: IngestJob) -> _Plan:
-    """Check everything about a job before any work; return what the run needs.
-
-    Example
-    -------
-    >>> p = plan(IngestJob.from_toml("job.toml"))  # doctest: +SKIP
-    """
-    from transformers import AutoConfig
-
-    _check_store_path(Path(job.store))
-    device = resolve_device(job.model.device)
-    ck_paths = {
-        c.label: (c.path or job.model.path, c.revision or job.model.revision)
-        for c in job.checkpoints
-    }
-    tok_path = job.model.tokenizer or next(iter(ck_paths.values()))[0]
-    tokenizer = load_tokenizer(tok_path, job.model.revision, job.model.trust_remote_code)
-    tok_hash = tokenizer_hash(tokenizer)
-    config = None
-    for label, (path, rev) in ck_paths.items():
-        try:
-            cfg = AutoConfig.from_pretrained(
-                path, revision=rev or None, trust_remote_code=job.model.trust_remote_code
-            )
-        except (OSError, ValueError) as e:
-            raise InputError(
-                f"checkpoint {label!r}: cannot read a model config at {path!r}: {str(e).splitlines()[0]}"
-            ) from None
-        if config is None:
-            config = cfg
-        else:
-            a, b = adapter_for(config), adapter_for(cfg)
-            if (config.model_type, a.n_layers, a.d_model) != (
-                cfg.model_type,
-                b.n_layers,
-                b.d_model,
-            ):
-                raise InputError(
-                    f"checkpoint {label!r} is a {cfg.model_type} with {b.n_layers} layers x {b.d_model}, "
-                    f"but the first checkpoint is a {config.model_type} with {a.n_layers} x {a.d_model}; "
-                    "a job's checkpoints must share one architecture: put other models in another job"
-                )
-        if not job.model.tokenizer and Path(path).is_dir() and any(Path(path).glob("tokenizer*")):
-            other = tokenizer_hash(load_tokenizer(path, rev, job.model.trust_remote_code))
-            if other != tok_hash:
-                raise InputError(
-                    f"checkpoint {label!r} has a different tokenizer than {tok_path!r}; rows of one model "
-                    "family must align, so use one tokenizer (set model.tokenizer) or a separate job"
-                )
-    assert config is not None
-    adapter = adapter_for(config)
-    hooks = expand_hooks(job.capture.hooks, adapter.n_layers)
-    widths = {}
-    for h in hooks:
-        if h.startswith("module:"):
-            widths[h] = -1  # known after the first forward pass
-        else:
-            adapter.check(h)
-            widths[h] = adapter.hook_width(h)
-    policies = _pos.parse_positions(job.capture.positions)
-    sets = []
-    for ps in job.prompts:
-        table = prepare_prompts(
-            load_prompt_table(ps.path),
-            name=ps.name,
-            text=ps.text,
-            messages=ps.messages,
-            tokenizer=tokenizer,
-            limit=ps.limit,
-        )
-        texts = table.column(0).to_pylist()
-        toks = _pos.tokenize(
-            tokenizer, texts, max_length=job.capture.max_length, truncation=job.capture.truncation
-        )
-        sets.append(_PromptSet(ps, table, objects.table_hash(table), toks))
-    saes = []
-    for s in job.saes:
-        loaded = load_sae(s, device)
-        check_sae(loaded, hooks, widths)
-        saes.append(loaded)
-    return _Plan(
-        job,
-        device,
-        tokenizer,
-        tok_hash,
-        config,
-        adapter,
-        hooks,
-        widths,
-        policies,
-        sets,
-        saes,
-        ck_paths,
-    )
-
-
-def _job_hash(p: _Plan, weights: str, ps: _PromptSet, edit: EditContext | None) -> str:
+def _job_hash(p: Plan, weights: str, ps: PromptSet, edit: EditContext | None) -> str:
     cap = p.job.capture
     body = {
         "weights": weights,
@@ -293,77 +154,6 @@ def _job_hash(p: _Plan, weights: str, ps: _PromptSet, edit: EditContext | None) 
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def _pad(
-    batch: list[_pos.TokenizedPrompt], pad_id: int, side: str, device: str
-) -> tuple[torch.Tensor, ...]:
-    lens = [len(tp.all_ids) for tp in batch]
-    s = max(lens)
-    ids = torch.full((len(batch), s), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), s), dtype=torch.long)
-    pos = torch.zeros((len(batch), s), dtype=torch.long)
-    offsets = []
-    for b, (tp, n) in enumerate(zip(batch, lens, strict=True)):
-        off = s - n if side == "left" else 0
-        ids[b, off : off + n] = torch.tensor(tp.all_ids)
-        mask[b, off : off + n] = 1
-        pos[b, off : off + n] = torch.arange(n)
-        offsets.append(off)
-    return ids.to(device), mask.to(device), pos.to(device), torch.tensor(offsets)
-
-
-class _BackgroundWriter:
-    """Host copies, casts and appends on a thread; the queue bounds memory to two batches."""
-
-    def __init__(self, writer: Any, store_dtype: str) -> None:
-        self.writer = writer
-        self.store_dtype = store_dtype
-        self.q: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=2)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._loop, name="actstore-writer", daemon=True)
-        self.thread.start()
-
-    def _to_numpy(self, t: torch.Tensor) -> np.ndarray:
-        t = t.to("cpu")
-        if t.dtype == torch.bfloat16:
-            return t.view(torch.int16).numpy().view(np.uint16)
-        return t.numpy()
-
-    def _loop(self) -> None:
-        while True:
-            item = self.q.get()
-            if item is None:
-                return
-            if self.error is not None:
-                continue
-            try:
-                item["arrays"] = {h: self._to_numpy(t) for h, t in item["arrays"].items()}
-                self.writer.append(**item)
-            except BaseException as e:  # surfaced in the main thread
-                self.error = e
-
-    def put(self, item: dict[str, Any]) -> None:
-        if self.error is not None:
-            raise self.error
-        self.q.put(item)
-
-    def close(self) -> None:
-        self.q.put(None)
-        self.thread.join()
-        if self.error is not None:
-            self.writer.abort()
-            raise self.error
-        self.writer.close()
-
-    def abort(self) -> None:
-        """Stop after the queued batches are dropped; commit nothing more."""
-        self.error = self.error or RuntimeError("aborted")
-        with self.q.mutex:
-            self.q.queue.clear()
-        self.q.put(None)
-        self.thread.join()
-        self.writer.abort()
-
-
 def _progress(total: int, desc: str, quiet: bool) -> Any:
     from tqdm.auto import tqdm
 
@@ -381,9 +171,9 @@ def _progress(total: int, desc: str, quiet: bool) -> Any:
 
 def _ingest_run(
     st: actstore.Store,
-    p: _Plan,
+    p: Plan,
     ck: Any,
-    ps: _PromptSet,
+    ps: PromptSet,
     checkpoint_id: int,
     quiet: bool,
     edit: EditContext | None,
@@ -493,7 +283,7 @@ def _ingest_run(
     writer = st.writer(rid, commit_interval=cap.commit_interval)
     start = writer.next_batch
     resumed = start > 0
-    bg = _BackgroundWriter(writer, cap.store_dtype)
+    bg = BackgroundWriter(writer, cap.store_dtype)
     tok = p.tokenizer
     scorers = [load_scorer(s, p.device) for s in job.scorers]
     store_dtype = TORCH_STORE[cap.store_dtype]
@@ -509,7 +299,7 @@ def _ingest_run(
                 tp.completion_ids = []
             gens_t = scores_t = None
             if job.generate is not None:
-                ids, mask, pos, offs = _pad(
+                ids, mask, pos, offs = pad_batch(
                     [dataclasses.replace(tp, completion_ids=[]) for tp in batch],
                     tok.pad_token_id,
                     "left",
@@ -546,7 +336,7 @@ def _ingest_run(
                             : max(0, cap.max_length - tp.n_prompt)
                         ]
             sels = [_pos.select(tp, p.policies, tok) for tp in batch]
-            ids, mask, pos, offs = _pad(batch, tok.pad_token_id, cap.padding_side, p.device)
+            ids, mask, pos, offs = pad_batch(batch, tok.pad_token_id, cap.padding_side, p.device)
             stored = torch.zeros_like(mask, dtype=torch.bool)
             for i, (sel, off) in enumerate(zip(sels, offs.tolist(), strict=True)):
                 stored[i, off : off + len(sel.stored)] = torch.tensor(sel.stored)
@@ -574,7 +364,7 @@ def _ingest_run(
             bg.put(
                 {
                     "arrays": arrays,
-                    "tokens": _token_table(batch, sels, tok),
+                    "tokens": token_table(batch, sels, tok),
                     "first_prompt": lo,
                     "n_prompts": hi - lo,
                     "features": features,
@@ -612,46 +402,6 @@ def _ingest_run(
         rows,
         size,
         time.monotonic() - t0,
-    )
-
-
-def _token_table(
-    batch: list[_pos.TokenizedPrompt], sels: list[_pos.Selection], tok: Any
-) -> pa.Table:
-    cols: dict[str, list[Any]] = {
-        k: []
-        for k in (
-            "prompt_idx",
-            "position",
-            "token_id",
-            "token_text",
-            "position_role",
-            "pos_from_end",
-            "in_span",
-            "is_completion",
-            "row",
-        )
-    }
-    row = 0
-    for tp, sel in zip(batch, sels, strict=True):
-        ids = tp.all_ids
-        texts = tok.convert_ids_to_tokens(ids)
-        for j, (tid, text) in enumerate(zip(ids, texts, strict=True)):
-            cols["prompt_idx"].append(tp.prompt_idx)
-            cols["position"].append(j)
-            cols["token_id"].append(int(tid))
-            cols["token_text"].append(text)
-            cols["position_role"].append(sel.roles[j])
-            cols["pos_from_end"].append(j - tp.n_prompt)
-            cols["in_span"].append(sel.in_span[j])
-            cols["is_completion"].append(j >= tp.n_prompt)
-            if sel.stored[j]:
-                cols["row"].append(row)
-                row += 1
-            else:
-                cols["row"].append(None)
-    return pa.table(
-        {k: pa.array(v, type=pa.int64() if k == "row" else None) for k, v in cols.items()}
     )
 
 

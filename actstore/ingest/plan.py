@@ -1,0 +1,167 @@
+"""Planning an ingest: everything about a job checked before anything is written.
+
+:func:`plan` reads the prompt files, loads the tokenizer (one per model family),
+compares the checkpoints' architectures and tokenizers, expands and checks the
+hooks and their layers, tokenizes every prompt against ``max_length`` and loads
+and checks the SAEs. A bad job fails here with one clear error, and the store
+is untouched.
+
+Example
+-------
+>>> p = plan(IngestJob.from_toml("job.toml"))  # doctest: +SKIP
+>>> p.hooks[:2]  # doctest: +SKIP
+['blocks.0.hook_resid_post', 'blocks.1.hook_resid_post']
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from actstore.errors import InputError, NotAStoreError
+from actstore.ingest import positions as _pos
+from actstore.ingest.families import adapter_for, expand_hooks
+from actstore.ingest.job import IngestJob
+from actstore.ingest.models import load_tokenizer, resolve_device, tokenizer_hash
+from actstore.ingest.prompts import load_prompt_table, prepare_prompts
+from actstore.ingest.saes import LoadedSAE, check_sae, load_sae
+from actstore.store import objects
+from actstore.store.format import MARKER
+
+
+@dataclass
+class PromptSet:
+    """A prompt set ready to run: its spec, table, content hash and tokens."""
+
+    spec: Any
+    table: pa.Table
+    hash: str
+    tokenized: list[_pos.TokenizedPrompt]
+
+
+@dataclass
+class Plan:
+    """Everything a job needs, checked: device, tokenizer, hooks and widths, prompts, SAEs."""
+
+    job: IngestJob
+    device: str
+    tokenizer: Any
+    tok_hash: str
+    config: Any
+    adapter: Any
+    hooks: list[str]
+    widths: dict[str, int]
+    policies: tuple[_pos.Policy, ...]
+    prompt_sets: list[PromptSet]
+    saes: list[LoadedSAE]
+    checkpoint_paths: dict[str, tuple[str, str]]
+
+
+def _check_store_path(path: Path) -> None:
+    if path.is_file():
+        raise NotAStoreError(
+            f"store path {path} is a file; give the job a directory path for the store"
+        )
+    if path.is_dir() and not (path / MARKER).exists() and any(path.iterdir()):
+        raise NotAStoreError(
+            f"store path {path} is a non-empty directory that is not a store; choose a new directory"
+        )
+
+
+def plan(job: IngestJob) -> Plan:
+    """Check everything about a job before any work; return what the run needs.
+
+    Example
+    -------
+    >>> p = plan(IngestJob.from_toml("job.toml"))  # doctest: +SKIP
+    """
+    from transformers import AutoConfig
+
+    _check_store_path(Path(job.store))
+    device = resolve_device(job.model.device)
+    ck_paths = {
+        c.label: (c.path or job.model.path, c.revision or job.model.revision)
+        for c in job.checkpoints
+    }
+    tok_path = job.model.tokenizer or next(iter(ck_paths.values()))[0]
+    tokenizer = load_tokenizer(tok_path, job.model.revision, job.model.trust_remote_code)
+    tok_hash = tokenizer_hash(tokenizer)
+    config = None
+    for label, (path, rev) in ck_paths.items():
+        try:
+            cfg = AutoConfig.from_pretrained(
+                path, revision=rev or None, trust_remote_code=job.model.trust_remote_code
+            )
+        except (OSError, ValueError) as e:
+            raise InputError(
+                f"checkpoint {label!r}: cannot read a model config at {path!r}: {str(e).splitlines()[0]}"
+            ) from None
+        if config is None:
+            config = cfg
+        else:
+            a, b = adapter_for(config), adapter_for(cfg)
+            if (config.model_type, a.n_layers, a.d_model) != (
+                cfg.model_type,
+                b.n_layers,
+                b.d_model,
+            ):
+                raise InputError(
+                    f"checkpoint {label!r} is a {cfg.model_type} with {b.n_layers} layers x {b.d_model}, "
+                    f"but the first checkpoint is a {config.model_type} with {a.n_layers} x {a.d_model}; "
+                    "a job's checkpoints must share one architecture: put other models in another job"
+                )
+        if not job.model.tokenizer and Path(path).is_dir() and any(Path(path).glob("tokenizer*")):
+            other = tokenizer_hash(load_tokenizer(path, rev, job.model.trust_remote_code))
+            if other != tok_hash:
+                raise InputError(
+                    f"checkpoint {label!r} has a different tokenizer than {tok_path!r}; rows of one model "
+                    "family must align, so use one tokenizer (set model.tokenizer) or a separate job"
+                )
+    assert config is not None
+    adapter = adapter_for(config)
+    hooks = expand_hooks(job.capture.hooks, adapter.n_layers)
+    widths = {}
+    for h in hooks:
+        if h.startswith("module:"):
+            widths[h] = -1  # known after the first forward pass
+        else:
+            adapter.check(h)
+            widths[h] = adapter.hook_width(h)
+    policies = _pos.parse_positions(job.capture.positions)
+    sets = []
+    for ps in job.prompts:
+        table = prepare_prompts(
+            load_prompt_table(ps.path),
+            name=ps.name,
+            text=ps.text,
+            messages=ps.messages,
+            tokenizer=tokenizer,
+            limit=ps.limit,
+        )
+        texts = table.column(0).to_pylist()
+        toks = _pos.tokenize(
+            tokenizer, texts, max_length=job.capture.max_length, truncation=job.capture.truncation
+        )
+        sets.append(PromptSet(ps, table, objects.table_hash(table), toks))
+    saes = []
+    for s in job.saes:
+        loaded = load_sae(s, device)
+        check_sae(loaded, hooks, widths)
+        saes.append(loaded)
+    return Plan(
+        job,
+        device,
+        tokenizer,
+        tok_hash,
+        config,
+        adapter,
+        hooks,
+        widths,
+        policies,
+        sets,
+        saes,
+        ck_paths,
+    )
