@@ -47,7 +47,7 @@ import numpy as np
 import pyarrow as pa
 
 from actstore.analysis.groups import labelled_rows
-from actstore.analysis.pca import PCAFit, PCAResult, _sign_fix
+from actstore.analysis.pca import PCAFit, PCAResult, _sign_fix, make_fit, pca_setup, save_pca
 from actstore.analysis.pca import pca as local_pca
 from actstore.analysis.results import (
     check_names_free,
@@ -344,16 +344,17 @@ def pca(
         )
     if engine != "dask":
         raise SpecError(f"engine must be 'dask' or 'local', not {engine!r}")
-    if combine not in ("concat", "separate"):
-        raise SpecError(f"combine must be 'concat' or 'separate', not {combine!r}")
-    if method not in ("auto", "exact", "randomized"):
-        raise SpecError(f"method must be 'auto', 'exact' or 'randomized', not {method!r}")
-    if k < 1:
-        raise SpecError(f"k must be at least 1, not {k}")
-    info = run_info(store, run)
-    hook_list = resolve_hooks(store, info, hooks)
-    groups = [tuple(hook_list)] if combine == "concat" else [(h,) for h in hook_list]
-    name = name or f"pca:{info.name}"
+    info, hook_list, groups, widths, name = pca_setup(
+        store,
+        run=run,
+        hooks=hooks,
+        combine=combine,
+        method=method,
+        k=k,
+        name=name,
+        save=save,
+        replace=replace,
+    )
     call = dict(
         run=run,
         hooks=hook_list,
@@ -371,17 +372,6 @@ def pca(
         project=project,
         engine="dask",
     )
-    widths = {g: sum(info.width(h) for h in g) for g in groups}
-    for g, d in widths.items():
-        if k > d:
-            raise SpecError(f"k={k} exceeds the width {d} of {'+'.join(g)}")
-    if save:
-        names = []
-        for g in groups:
-            label = "+".join(g)
-            names += [f"{name}/pc{i}/{label}" for i in range(k)] + [f"{name}/mean/{label}"]
-        check_names_free(store, names, replace=replace)
-
     sel = select(store, run=info, where=where, params=params, hooks=hook_list)
     require_rows(sel, "PCA", 2)
     fits: dict[str, PCAFit] = {}
@@ -402,20 +392,19 @@ def pca(
         proj_NK = None
         if project:
             (proj_NK,) = _compute(client, ((X - mean) if center else X) @ V_KD.T)
-        total = st.total
-        label = "+".join(g)
-        fits[label] = PCAFit(
-            hooks=g,
-            method=use,
+        fits["+".join(g)] = make_fit(
+            g,
+            use,
             n=sel.n,
             mean=mean,
             components=V_KD,
-            explained_variance=evals,
-            explained_variance_ratio=evals / total if total > 0 else np.zeros_like(evals),
-            singular_values=np.sqrt(evals * st.denom),
-            total_variance=total,
+            evals=evals,
+            total=st.total,
+            denom=st.denom,
             projections=None if proj_NK is None else np.asarray(proj_NK),
-            direction_names=tuple(f"{name}/pc{i}/{label}" for i in range(k)) if save else (),
+            name=name,
+            k=k,
+            save=save,
         )
     result = PCAResult(
         name=name, run=sel.run, where=where, fits=fits, meta=sel.meta, center=center, params=call
@@ -423,50 +412,17 @@ def pca(
     if not save:
         return result
     # stored exactly as the in-process PCA stores its result
-    prov = provenance(
+    return save_pca(
         store,
-        runs={sel.run: sel.run_id},
+        result,
+        sel,
+        call=call,
         where=where,
         params=params,
-        n_rows=sel.n,
         block_rows=block_rows,
+        replace=replace,
         engine="dask",
     )
-    aid = save_analysis(
-        store, name=name, kind="pca", params=call, result=result.to_dict(), provenance=prov
-    )
-    for label, f in fits.items():
-        hook = f.hooks[0] if len(f.hooks) == 1 else label
-        for i, dn in enumerate(f.direction_names):
-            save_direction(
-                store,
-                name=dn,
-                vector=f.components[i],
-                hook=hook,
-                method="pca",
-                run_id=sel.run_id,
-                analysis_id=aid,
-                params={
-                    "component": i,
-                    "explained_variance_ratio": f.explained_variance_ratio[i],
-                    "center": center,
-                    "where": where,
-                    "n": f.n,
-                },
-                replace=replace,
-            )
-        save_direction(
-            store,
-            name=f"{name}/mean/{label}",
-            vector=f.mean,
-            hook=hook,
-            method="pca_mean",
-            run_id=sel.run_id,
-            analysis_id=aid,
-            params={"where": where, "n": f.n},
-            replace=replace,
-        )
-    return dataclasses.replace(result, analysis_id=aid)
 
 
 # -- contrast statistics ---------------------------------------------------------------

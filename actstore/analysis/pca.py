@@ -56,6 +56,7 @@ from actstore.analysis.results import (
 )
 from actstore.analysis.rows import (
     Params,
+    RunInfo,
     Selection,
     require_rows,
     resolve_hooks,
@@ -407,16 +408,17 @@ def pca(
     >>> res = pca(st, run="r", hooks=["blocks.1.hook_resid_post"], where="position_role = 'last'", k=3)  # doctest: +SKIP
     >>> res.summary()  # doctest: +SKIP
     """
-    if combine not in ("concat", "separate"):
-        raise SpecError(f"combine must be 'concat' or 'separate', not {combine!r}")
-    if method not in ("auto", "exact", "randomized"):
-        raise SpecError(f"method must be 'auto', 'exact' or 'randomized', not {method!r}")
-    if k < 1:
-        raise SpecError(f"k must be at least 1, not {k}")
-    info = run_info(store, run)
-    hook_list = resolve_hooks(store, info, hooks)
-    groups = [tuple(hook_list)] if combine == "concat" else [(h,) for h in hook_list]
-    name = name or f"pca:{info.name}"
+    info, hook_list, groups, widths, name = pca_setup(
+        store,
+        run=run,
+        hooks=hooks,
+        combine=combine,
+        method=method,
+        k=k,
+        name=name,
+        save=save,
+        replace=replace,
+    )
     call = dict(
         run=run,
         hooks=hook_list,
@@ -433,17 +435,6 @@ def pca(
         block_rows=block_rows,
         project=project,
     )
-    widths = {g: sum(info.width(h) for h in g) for g in groups}
-    for g, d in widths.items():
-        if k > d:
-            raise SpecError(f"k={k} exceeds the width {d} of {'+'.join(g)}")
-    if save:
-        names = []
-        for g in groups:
-            label = "+".join(g)
-            names += [f"{name}/pc{i}/{label}" for i in range(k)] + [f"{name}/mean/{label}"]
-        check_names_free(store, names, replace=replace)
-
     sel = select(store, run=info, where=where, params=params, hooks=hook_list)
     require_rows(sel, "PCA", 2)
     fits: dict[str, PCAFit] = {}
@@ -467,20 +458,19 @@ def pca(
             proj_NK = np.empty((sel.n, k))
             for sl, block in sel.blocks(store, g, block_rows=block_rows):
                 proj_NK[sl] = ((block - mean) if center else block) @ V_KD.T
-        total = mom.total(center)
-        label = "+".join(g)
-        fits[label] = PCAFit(
-            hooks=g,
-            method=use,
+        fits["+".join(g)] = make_fit(
+            g,
+            use,
             n=sel.n,
             mean=mean,
             components=V_KD,
-            explained_variance=evals,
-            explained_variance_ratio=evals / total if total > 0 else np.zeros_like(evals),
-            singular_values=np.sqrt(evals * mom.denom(center)),
-            total_variance=total,
+            evals=evals,
+            total=mom.total(center),
+            denom=mom.denom(center),
             projections=proj_NK,
-            direction_names=tuple(f"{name}/pc{i}/{label}" for i in range(k)) if save else (),
+            name=name,
+            k=k,
+            save=save,
         )
 
     result = PCAResult(
@@ -488,6 +478,127 @@ def pca(
     )
     if not save:
         return result
+    return save_pca(
+        store,
+        result,
+        sel,
+        call=call,
+        where=where,
+        params=params,
+        block_rows=block_rows,
+        replace=replace,
+    )
+
+
+def pca_setup(
+    store: Store,
+    *,
+    run: str | int,
+    hooks: str | Sequence[str],
+    combine: str,
+    method: str,
+    k: int,
+    name: str | None,
+    save: bool,
+    replace: bool,
+) -> tuple[RunInfo, list[str], list[tuple[str, ...]], dict[tuple[str, ...], int], str]:
+    """Check a PCA call before any row is read; shared by the in-process and Dask engines.
+
+    Returns the run, its hooks, the hook groups (one per fit), each group's width and the
+    analysis name. Raises :class:`SpecError` for bad settings or taken direction names.
+
+    Example
+    -------
+    >>> info, hooks, groups, widths, name = pca_setup(st, run="r", hooks="blocks.1.hook_resid_post",
+    ...     combine="separate", method="auto", k=3, name=None, save=False, replace=False)  # doctest: +SKIP
+    """
+    if combine not in ("concat", "separate"):
+        raise SpecError(f"combine must be 'concat' or 'separate', not {combine!r}")
+    if method not in ("auto", "exact", "randomized"):
+        raise SpecError(f"method must be 'auto', 'exact' or 'randomized', not {method!r}")
+    if k < 1:
+        raise SpecError(f"k must be at least 1, not {k}")
+    info = run_info(store, run)
+    hook_list = resolve_hooks(store, info, hooks)
+    groups: list[tuple[str, ...]] = (
+        [tuple(hook_list)] if combine == "concat" else [(h,) for h in hook_list]
+    )
+    name = name or f"pca:{info.name}"
+    widths = {g: sum(info.width(h) for h in g) for g in groups}
+    for g, d in widths.items():
+        if k > d:
+            raise SpecError(f"k={k} exceeds the width {d} of {'+'.join(g)}")
+    if save:
+        names = []
+        for g in groups:
+            label = "+".join(g)
+            names += [f"{name}/pc{i}/{label}" for i in range(k)] + [f"{name}/mean/{label}"]
+        check_names_free(store, names, replace=replace)
+    return info, hook_list, groups, widths, name
+
+
+def make_fit(
+    hooks: tuple[str, ...],
+    method: str,
+    *,
+    n: int,
+    mean: np.ndarray,
+    components: np.ndarray,
+    evals: np.ndarray,
+    total: float,
+    denom: float,
+    projections: np.ndarray | None,
+    name: str,
+    k: int,
+    save: bool,
+) -> PCAFit:
+    """Assemble one :class:`PCAFit` from its moments (shared by both engines).
+
+    Example
+    -------
+    >>> fit = make_fit(("h",), "exact", n=10, mean=np.zeros(2), components=np.eye(2),
+    ...                evals=np.array([2.0, 1.0]), total=3.0, denom=9.0, projections=None,
+    ...                name="p", k=2, save=False)
+    >>> fit.explained_variance_ratio.round(3).tolist()
+    [0.667, 0.333]
+    """
+    label = "+".join(hooks)
+    return PCAFit(
+        hooks=hooks,
+        method=method,
+        n=n,
+        mean=mean,
+        components=components,
+        explained_variance=evals,
+        explained_variance_ratio=evals / total if total > 0 else np.zeros_like(evals),
+        singular_values=np.sqrt(evals * denom),
+        total_variance=total,
+        projections=projections,
+        direction_names=tuple(f"{name}/pc{i}/{label}" for i in range(k)) if save else (),
+    )
+
+
+def save_pca(
+    store: Store,
+    result: PCAResult,
+    sel: Selection,
+    *,
+    call: dict[str, Any],
+    where: str | None,
+    params: Any,
+    block_rows: int | None,
+    replace: bool,
+    **extra: Any,
+) -> PCAResult:
+    """Store a PCA result and its directions with provenance (shared by both engines).
+
+    ``extra`` goes into the provenance (e.g. ``engine="dask"``).
+
+    Example
+    -------
+    >>> res = save_pca(st, res, sel, call=call, where=None, params=None, block_rows=None, replace=False)  # doctest: +SKIP
+    """
+    name, center, fits = result.name, result.center, result.fits
     prov = provenance(
         store,
         runs={sel.run: sel.run_id},
@@ -495,6 +606,7 @@ def pca(
         params=params,
         n_rows=sel.n,
         block_rows=block_rows,
+        **extra,
     )
     aid = save_analysis(
         store, name=name, kind="pca", params=call, result=result.to_dict(), provenance=prov
