@@ -43,11 +43,10 @@ from typing import Any
 import google_crc32c
 import numpy as np
 import zarr
-from zarr.storage import LocalStore
 
 from actstore.errors import CorruptChunkError, InputError
 from actstore.store import arrays as _arrays
-from actstore.store.shardio import RawShardLayout
+from actstore.store.shardio import RawShardLayout, parse_layout
 
 __all__ = ["ShardLayout", "clear_cache", "read_rows", "shard_layout"]
 
@@ -58,17 +57,6 @@ MAX_MAPPED_SHARDS = 256
 
 #: Where the bytes of each row of a raw sharded array are: the writer's layout.
 ShardLayout = RawShardLayout
-
-
-def _is_codec(spec: Any, name: str) -> bool:
-    return isinstance(spec, dict) and spec.get("name") == name
-
-
-def _is_little_bytes(spec: Any, itemsize: int) -> bool:
-    if not _is_codec(spec, "bytes"):
-        return False
-    endian = (spec.get("configuration") or {}).get("endian")
-    return endian == "little" or (endian is None and itemsize == 1)
 
 
 # id(metadata) -> (weak reference to it, its layout): metadata objects are immutable, so
@@ -99,7 +87,7 @@ def shard_layout(arr: zarr.Array) -> ShardLayout | None:
         lay = hit[1]
         if lay is None or lay.directory == Path(getattr(arr.store, "root", "")) / arr.path:
             return lay
-    lay = _layout(arr)
+    lay = parse_layout(arr)
     try:
         _LAYOUTS[id(meta)] = (weakref.ref(meta), lay)
     except TypeError:  # not weak-referenceable: no caching
@@ -108,54 +96,6 @@ def shard_layout(arr: zarr.Array) -> ShardLayout | None:
         for k in [k for k, (ref, _) in _LAYOUTS.items() if ref() is None]:
             del _LAYOUTS[k]
     return lay
-
-
-def _layout(arr: zarr.Array) -> ShardLayout | None:
-    meta = arr.metadata
-    if getattr(meta, "zarr_format", None) != 3 or not isinstance(arr.store, LocalStore):
-        return None
-    if len(arr.shape) != 2:
-        return None
-    md: dict[str, Any] = dict(meta.to_dict())
-    if md.get("storage_transformers"):
-        return None
-    enc: dict[str, Any] = md.get("chunk_key_encoding") or {}
-    if enc.get("name") != "default" or (enc.get("configuration") or {}).get("separator") != "/":
-        return None
-    codecs = list(md.get("codecs") or [])
-    if len(codecs) != 1 or not _is_codec(codecs[0], "sharding_indexed"):
-        return None
-    conf: dict[str, Any] = codecs[0].get("configuration") or {}
-    dtype = np.dtype(arr.dtype).newbyteorder("<")
-    inner = list(conf.get("codecs") or [])
-    index = list(conf.get("index_codecs") or [])
-    if not (
-        len(inner) == 2
-        and _is_little_bytes(inner[0], dtype.itemsize)
-        and _is_codec(inner[1], "crc32c")
-        and len(index) == 2
-        and _is_little_bytes(index[0], 8)
-        and _is_codec(index[1], "crc32c")
-        and conf.get("index_location", "end") == "end"
-    ):
-        return None
-    n, d = (int(x) for x in arr.shape)
-    chunk = [int(x) for x in conf.get("chunk_shape") or ()]
-    grid: dict[str, Any] = md.get("chunk_grid") or {}
-    shard = [int(x) for x in (grid.get("configuration") or {}).get("chunk_shape") or ()]
-    if grid.get("name") != "regular" or len(chunk) != 2 or len(shard) != 2:
-        return None
-    if chunk[1] != d or shard[1] != d or chunk[0] <= 0 or shard[0] % chunk[0]:
-        return None
-    return ShardLayout(
-        directory=Path(arr.store.root) / arr.path,
-        n_rows=n,
-        d=d,
-        dtype=dtype,
-        chunk_rows=chunk[0],
-        shard_rows=shard[0],
-        fill_value=meta.fill_value,
-    )
 
 
 @dataclass

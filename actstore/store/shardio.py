@@ -59,7 +59,15 @@ from zarr.storage import LocalStore
 
 from actstore.errors import InputError
 
-__all__ = ["MISSING", "RawShardLayout", "raw_layout", "shard_bytes", "whole_shards", "write_shards"]
+__all__ = [
+    "MISSING",
+    "RawShardLayout",
+    "parse_layout",
+    "raw_layout",
+    "shard_bytes",
+    "whole_shards",
+    "write_shards",
+]
 
 #: Offset and length of an inner chunk absent from its shard.
 MISSING = 2**64 - 1
@@ -159,10 +167,29 @@ def raw_layout(arr: zarr.Array) -> RawShardLayout | None:
     >>> raw_layout(a16).chunk_rows, raw_layout(a32)  # float32 is zstd-compressed
     (65536, None)
     """
+    if arr.read_only or not arr.config.write_empty_chunks:
+        return None
+    return parse_layout(arr)
+
+
+def parse_layout(arr: zarr.Array) -> RawShardLayout | None:
+    """The raw shard layout of ``arr`` (for reading or writing), or None if it has another.
+
+    The format rules that both the memory-mapped reader (:mod:`actstore.store.access`)
+    and the direct writer rely on; see :func:`raw_layout`.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> from actstore.store import arrays
+    >>> a = arrays.create_array(tempfile.mkdtemp(), "a", d=8, dtype="bfloat16", capacity=0)
+    >>> parse_layout(a).dtype.name  # bfloat16 bits, little endian
+    'uint16'
+    """
     meta = arr.metadata
     if getattr(meta, "zarr_format", None) != 3 or not isinstance(arr.store, LocalStore):
         return None
-    if len(arr.shape) != 2 or arr.read_only or not arr.config.write_empty_chunks:
+    if len(arr.shape) != 2:
         return None
     md: dict[str, Any] = dict(meta.to_dict())
     if md.get("storage_transformers"):
