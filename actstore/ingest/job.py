@@ -153,7 +153,7 @@ class IngestJob:
     """A whole ingest job. Build with :meth:`from_toml` or :meth:`from_dict`."""
 
     store: str
-    """The store directory (created if missing)."""
+    """The store directory or fsspec URL such as ``s3://bucket/store`` (created if missing)."""
     model: ModelSpec
     prompts: tuple[PromptSetSpec, ...]
     checkpoints: tuple[CheckpointSpec, ...] = ()
@@ -223,7 +223,11 @@ class IngestJob:
 
         return dataclasses.replace(
             self,
-            store=str(base / self.store) if not Path(self.store).is_absolute() else self.store,
+            store=(
+                self.store
+                if Path(self.store).is_absolute() or "://" in self.store  # fsspec URLs stay
+                else str(base / self.store)
+            ),
             model=dataclasses.replace(
                 self.model, path=fix(self.model.path), tokenizer=fix(self.model.tokenizer)
             ),

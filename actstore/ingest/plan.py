@@ -30,6 +30,7 @@ from actstore.ingest.prompts import load_prompt_table, prepare_prompts
 from actstore.ingest.saes import LoadedSAE, check_sae, load_sae
 from actstore.store import objects
 from actstore.store.format import MARKER
+from actstore.store.location import Location
 
 
 @dataclass
@@ -60,12 +61,20 @@ class Plan:
     checkpoint_paths: dict[str, tuple[str, str]]
 
 
-def _check_store_path(path: Path) -> None:
-    if path.is_file():
+def _check_store_path(path: str) -> None:
+    loc = Location.parse(path)
+    if not loc.is_local:
+        if loc.files() and not loc.exists(MARKER):
+            raise NotAStoreError(
+                f"store URL {path} holds objects but is not a store; choose a new prefix"
+            )
+        return
+    if loc.is_file():
         raise NotAStoreError(
             f"store path {path} is a file; give the job a directory path for the store"
         )
-    if path.is_dir() and not (path / MARKER).exists() and any(path.iterdir()):
+    root = loc.local_path
+    if root.is_dir() and not (root / MARKER).exists() and any(root.iterdir()):
         raise NotAStoreError(
             f"store path {path} is a non-empty directory that is not a store; choose a new directory"
         )
@@ -80,7 +89,7 @@ def plan(job: IngestJob) -> Plan:
     """
     from transformers import AutoConfig
 
-    _check_store_path(Path(job.store))
+    _check_store_path(job.store)
     device = resolve_device(job.model.device)
     ck_paths = {
         c.label: (c.path or job.model.path, c.revision or job.model.revision)

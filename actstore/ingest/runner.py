@@ -387,13 +387,7 @@ def _ingest_run(
             0
         ]
     )
-    size = sum(
-        f.stat().st_size
-        for d in (st.root / "arrays" / f"run{rid:06d}", st.root / "features" / f"run{rid:06d}")
-        if d.exists()
-        for f in d.rglob("*")
-        if f.is_file()
-    )
+    size = st.location.size(f"arrays/run{rid:06d}") + st.location.size(f"features/run{rid:06d}")
     return RunSummary(
         name,
         "resumed" if resumed else "ingested",

@@ -239,13 +239,13 @@ class Context:
         'memory.main._actstore_fc_r2_s1'
         """
         table = feature_cache(self.store).source(
-            self.con, str(self.store.root), rid, sid, policy=self.cache
+            self.con, self.store.location.url, rid, sid, policy=self.cache
         )
         if table is not None:
             return table
         # the committed parts of this (run, SAE) only, rather than the `features` view over
         # every part of the store filtered by run and SAE (same rows, fewer files opened)
-        root = str(self.store.root)
+        root = self.store.location.url
         files = [
             f"{root}/{r[0]}"
             for r in self.con.execute(

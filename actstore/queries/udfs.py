@@ -78,7 +78,7 @@ class ArrayFunctions:
 
     def __init__(self, con: duckdb.DuckDBPyConnection, store: Store) -> None:
         self._cur = con.cursor()
-        self._root = store.root
+        self._root = store.location
         self._lock = threading.Lock()
         self._seq: Any = None
         self._arrays: dict[tuple[str, str], tuple[Any, int, str]] = {}

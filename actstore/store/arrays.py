@@ -26,6 +26,7 @@ Example
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
 
 from actstore.errors import CorruptChunkError, InputError
 from actstore.store import shardio as _shardio
+from actstore.store.location import Location
 
 #: Storage dtypes a run can choose, and the numpy dtype each is read as.
 STORE_DTYPES: dict[str, np.dtype[Any]] = {
@@ -47,6 +49,8 @@ STORE_DTYPES: dict[str, np.dtype[Any]] = {
 _ON_DISK = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
 COMPRESSIONS = ("none", "zstd", "blosc")
 TARGET_CHUNK_BYTES = 1 << 20
+#: Reads of rows are tried this often before a failure is reported as corruption.
+READ_ATTEMPTS = 3
 CHUNKS_PER_SHARD = 32
 
 
@@ -113,7 +117,7 @@ def _compressors(compression: str, itemsize: int) -> list[Any]:
 
 
 def create_array(
-    root: str | Path,
+    root: str | Path | Location,
     relpath: str,
     *,
     d: int,
@@ -141,13 +145,13 @@ def create_array(
     ('uint16', 'bfloat16')
     """
     layout = layout or default_layout(d, dtype)
-    path = Path(root) / relpath
-    if (path / "zarr.json").exists():
+    loc = Location.parse(root)
+    if loc.exists(f"{relpath}/zarr.json"):
         return open_array(root, relpath)
     attrs = {"actstore_dtype": dtype, **(attributes or {})}
     itemsize = STORE_DTYPES[dtype].itemsize
     return zarr.create_array(
-        store=str(path),
+        store=loc.zarr_store(relpath),
         shape=(max(capacity, 0), d),
         chunks=(layout.chunk_rows, d),
         shards=(layout.shard_rows, d),
@@ -159,7 +163,7 @@ def create_array(
     )
 
 
-def open_array(root: str | Path, relpath: str, mode: str = "r+") -> zarr.Array:
+def open_array(root: str | Path | Location, relpath: str, mode: str = "r+") -> zarr.Array:
     """Open an existing array.
 
     Example
@@ -172,7 +176,8 @@ def open_array(root: str | Path, relpath: str, mode: str = "r+") -> zarr.Array:
     # zarr.open_array ignores ``config`` for an existing array (zarr 3.1.6), so it is set
     # after: without write_empty_chunks zarr compares every chunk with the fill value
     # (half the write speed) and leaves out equal ones, and shardio would not apply.
-    arr = zarr.open_array(store=str(Path(root) / relpath), mode=mode)
+    loc = Location.parse(root)
+    arr = zarr.open_array(store=loc.zarr_store(relpath, read_only=mode == "r"), mode=mode)
     return arr.with_config({"write_empty_chunks": True})
 
 
@@ -324,19 +329,26 @@ def read_rows(
         raise InputError(f"array {name}: rows outside 0-{arr.shape[0] - 1} requested")
     uniq, inverse = np.unique(rows, return_inverse=True)
     buf = np.empty((uniq.size, arr.shape[1]), dtype=arr.dtype)
-    try:
-        pos = 0
-        runs = _runs(uniq)
-        if len(runs) <= max(8, uniq.size // 64):
-            for a, b in runs:
-                buf[pos : pos + b - a] = arr[a:b]
-                pos += b - a
-        elif uniq.size:
-            buf[:] = arr.get_orthogonal_selection((uniq, slice(None)))
-    except CorruptChunkError:
-        raise
-    except Exception as e:
-        raise _locate_corruption(arr, uniq, name, e) from e
+    runs = _runs(uniq)
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            pos = 0
+            if len(runs) <= max(8, uniq.size // 64):
+                for a, b in runs:
+                    buf[pos : pos + b - a] = arr[a:b]
+                    pos += b - a
+            elif uniq.size:
+                buf[:] = arr.get_orthogonal_selection((uniq, slice(None)))
+            break
+        except CorruptChunkError:
+            raise
+        except Exception as e:
+            # zarr reads a shard's index and its chunks in separate requests: a writer
+            # replacing the shard file (or object) between them gives a checksum mismatch
+            # that a second read does not. Damage fails every time.
+            if attempt + 1 == READ_ATTEMPTS:
+                raise _locate_corruption(arr, uniq, name, e) from e
+            time.sleep(0.05 * (attempt + 1))
     result = buf if uniq.size == rows.size and np.array_equal(uniq, rows) else buf[inverse]
     result = from_disk(result, dtype)
     if out is not None:

@@ -3,7 +3,7 @@
 An SAE's L0 is tens of features out of thousands, so only nonzeros are stored,
 one Parquet part per committed flush of a (run, SAE), sorted by (row, feature),
 zstd-compressed. A part is written under a temporary name and renamed into
-place; it exists for readers only once the catalog's ``feature_files`` lists it,
+place (in object storage: uploaded in one piece); it exists for readers only once the catalog's ``feature_files`` lists it,
 which happens in the same transaction as the rows' tokens. Aggregates must count
 the implicit zeros: see ``actstore.queries``.
 
@@ -20,8 +20,6 @@ Example
 
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +28,7 @@ import pyarrow.parquet as pq
 
 from actstore.errors import InputError
 from actstore.store.format import feature_dir_relpath
+from actstore.store.location import Location
 
 #: Columns of every part. ``run_id`` and ``sae_id`` are constant within a part
 #: (they cost nothing after dictionary encoding) so a glob of parts is self-describing.
@@ -56,7 +55,7 @@ def part_relpath(run_id: int, sae_id: int, first_row: int, first_batch: int = 0)
 
 
 def write_part(
-    root: str | Path,
+    root: str | Path | Location,
     *,
     run_id: int,
     sae_id: int,
@@ -101,17 +100,12 @@ def write_part(
         schema=SCHEMA,
     )
     rel = part_relpath(run_id, sae_id, first_row, first_batch)
-    path = Path(root) / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    pq.write_table(table, tmp, compression="zstd", row_group_size=1 << 20)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with Location.parse(root).open_output(rel) as f:
+        pq.write_table(table, f, compression="zstd", row_group_size=1 << 20)
     return rel
 
 
-def read_part(root: str | Path, relpath: str) -> pa.Table:
+def read_part(root: str | Path | Location, relpath: str) -> pa.Table:
     """Read one part.
 
     Example
@@ -123,4 +117,8 @@ def read_part(root: str | Path, relpath: str) -> pa.Table:
     >>> read_part(r, rel).column("feature").to_pylist()
     [2]
     """
-    return pq.read_table(Path(root) / relpath, schema=SCHEMA)
+    loc = Location.parse(root)
+    if loc.is_local:
+        return pq.read_table(loc.path(relpath), schema=SCHEMA)
+    with loc.fs.open(loc.path(relpath), "rb") as f:
+        return pq.read_table(f, schema=SCHEMA)

@@ -21,12 +21,12 @@ Example
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from actstore.errors import FormatVersionError, NotAStoreError
+from actstore.store.location import Location
 
 FORMAT_NAME = "actstore"
 FORMAT_VERSION = 1
@@ -60,7 +60,7 @@ def feature_dir_relpath(run_id: int, sae_id: int) -> str:
     return f"{FEATURES_DIR}/run{run_id:06d}/sae{sae_id:06d}"
 
 
-def write_marker(root: Path) -> None:
+def write_marker(root: Path | Location) -> None:
     """Write the format marker of a new store (atomically).
 
     Example
@@ -77,12 +77,10 @@ def write_marker(root: Path) -> None:
         "created_by": f"actstore {__version__}",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    tmp = root / (MARKER + ".tmp")
-    tmp.write_text(json.dumps(body, indent=2) + "\n")
-    os.replace(tmp, root / MARKER)
+    Location.parse(root).write_bytes(MARKER, (json.dumps(body, indent=2) + "\n").encode())
 
 
-def read_marker(root: Path) -> dict[str, Any]:
+def read_marker(root: Path | Location) -> dict[str, Any]:
     """Read and check the marker of the store at ``root``.
 
     Raises
@@ -98,19 +96,20 @@ def read_marker(root: Path) -> dict[str, Any]:
     Traceback (most recent call last):
     actstore.errors.NotAStoreError: ...
     """
-    if root.is_file():
+    loc = Location.parse(root)
+    if loc.is_file():
         raise NotAStoreError(
             f"{root} is a file, not a store directory; pass a directory path "
             "(a new one is created by `actstore ingest` or actstore.open(path, create=True))"
         )
-    marker = root / MARKER
-    if not marker.is_file():
+    marker = loc.url_for(MARKER)
+    if not loc.is_file(MARKER):
         raise NotAStoreError(
             f"{root} is not an actstore store (no {MARKER}); create one with "
             "`actstore ingest JOB.toml` or actstore.open(path, create=True)"
         )
     try:
-        body = json.loads(marker.read_text())
+        body = loc.read_json(MARKER)
     except (OSError, ValueError) as e:
         raise NotAStoreError(f"{marker} is unreadable ({e}); is {root} an actstore store?") from e
     if not isinstance(body, dict) or body.get("format") != FORMAT_NAME:

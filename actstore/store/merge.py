@@ -42,7 +42,6 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -55,6 +54,7 @@ from actstore.ingest.shards import Shard, split_run_hash, unsharded_store_path
 from actstore.store import arrays as _arrays
 from actstore.store import features as _features
 from actstore.store import objects
+from actstore.store.location import Location
 from actstore.store.store import Store
 from actstore.store.writer import TOKEN_COLUMNS, RunWriter
 
@@ -426,7 +426,7 @@ def _copy_block(
     infos = st.catalog.read("SELECT hook, path FROM arrays WHERE run_id = ?", [rid]).to_pylist()
     rows_RD = {}
     for a in infos:
-        arr = _arrays.open_array(st.root, a["path"], mode="r")
+        arr = _arrays.open_array(st.location, a["path"], mode="r")
         # on-disk values (bfloat16 as its uint16 bits, as the ingest hands them to the
         # writer): the writer stores exactly these bits again
         values = _arrays.read_rows(arr, np.arange(r0, r1), name=f"{st.root}/{a['path']}")
@@ -454,7 +454,7 @@ def _copy_block(
             "AND first_row < ? AND first_row + n_rows > ? ORDER BY first_row",
             [rid, theirs, r1, r0],
         ).column("path")
-        tables = [_features.read_part(st.root, p) for p in parts.to_pylist()]
+        tables = [_features.read_part(st.location, p) for p in parts.to_pylist()]
         t = pa.concat_tables(tables) if tables else _features.SCHEMA.empty_table()
         rows = t.column("row").to_numpy()
         keep = (rows >= r0) & (rows < r1)
@@ -606,15 +606,15 @@ def merge(
         raise InputError(
             "no shard stores given; pass the N stores that `actstore ingest JOB --shard i/N` wrote"
         )
-    out_path = Path(out)
+    out_loc = Location.parse(out)
     for s in shards:
-        if Path(s).resolve() == out_path.resolve():
+        if Location.parse(s) == out_loc:
             raise InputError(
-                f"the output store {out_path} is also one of the shards; merge into another store"
+                f"the output store {out_loc} is also one of the shards; merge into another store"
             )
     stores = _index_shards([_read_shard_store(s) for s in shards])
     names = stores[0].job_runs or sorted({n for s in stores for n in s.runs})
-    target = actstore.open(out_path, create=True)
+    target = actstore.open(out_loc, create=True)
     summary = MergeSummary(str(target.root), [str(s.store.root) for s in stores])
     for name in names:
         summary.runs.append(_merge_run(target, name, stores, block_bytes))

@@ -327,7 +327,7 @@ def create_run(
             layout = _arrays.default_layout(d, store_dtype, compression)
             rel = array_relpath(rid, hook)
             _arrays.create_array(
-                store.root,
+                store.location,
                 rel,
                 d=d,
                 dtype=store_dtype,

@@ -79,6 +79,7 @@ class Session:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.con = duckdb.connect()
+        store.location.register(self.con)  # a remote store's Parquet parts, by URL
         self._lock = threading.RLock()
         self._seq: object = None
         self._extended = False
@@ -110,7 +111,7 @@ class Session:
         if seq == self._seq:
             return
         con.execute("SET search_path = 'memory.main,cat.main'")
-        root = str(self.store.root)
+        root = self.store.location.url
         parts = [
             f"{root}/{r[0]}"
             for r in con.execute(

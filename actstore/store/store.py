@@ -11,7 +11,6 @@ Example
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from actstore.errors import (
 )
 from actstore.store import access as _access
 from actstore.store import arrays as _arrays
-from actstore.store.catalog import Catalog, query_arrow
+from actstore.store.catalog import SCHEMA, Catalog, query_arrow
 from actstore.store.format import (
     CATALOG,
     FEATURES_DIR,
@@ -37,6 +36,7 @@ from actstore.store.format import (
     read_marker,
     write_marker,
 )
+from actstore.store.location import Location, StorePath
 from actstore.store.result import Acts, Result
 from actstore.store.session import Session
 from actstore.store.writer import RunWriter, WriteLock
@@ -44,17 +44,28 @@ from actstore.store.writer import RunWriter, WriteLock
 Params = Sequence[Any] | dict[str, Any] | None
 
 
-def open(path: str | os.PathLike[str], *, create: bool = False, read_only: bool = False) -> Store:
+def open(
+    path: StorePath,
+    *,
+    create: bool = False,
+    read_only: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> Store:
     """Open the store at ``path`` (creating it if ``create`` and it does not exist).
 
     Parameters
     ----------
     path
-        The store directory.
+        The store: a local directory, or an fsspec URL (``s3://bucket/store``,
+        ``gs://...``, ``memory://...``; see ``docs/SCALE.md``).
     create
         Create an empty store if there is none (an existing one is opened).
     read_only
         Refuse every write.
+    storage_options
+        Options of the fsspec filesystem of a URL (e.g. ``{"endpoint_url": ...}``
+        for an S3-compatible server); credentials otherwise come from the
+        filesystem's usual environment variables and files.
 
     Example
     -------
@@ -62,25 +73,64 @@ def open(path: str | os.PathLike[str], *, create: bool = False, read_only: bool 
     >>> st = actstore.open(tempfile.mkdtemp() + "/s", create=True)
     >>> st.info()["format_version"]
     1
+    >>> actstore.open("memory://bucket/doc-store", create=True).runs().fetchall()
+    []
     """
-    root = Path(path)
-    if create and not (root / MARKER).exists():
-        if root.is_file():
-            raise NotAStoreError(f"{root} is a file; a store needs a directory path")
-        if root.is_dir() and any(root.iterdir()):
+    loc = Location.parse(path, storage_options)
+    if create and not loc.exists(MARKER):
+        if loc.is_file():
+            raise NotAStoreError(f"{loc.url} is a file; a store needs a directory path")
+        if loc.is_local:
+            root = loc.local_path
+            if root.is_dir() and any(root.iterdir()):
+                raise NotAStoreError(
+                    f"{root} is a non-empty directory that is not a store; choose a new or "
+                    "empty directory for the store"
+                )
+            root.mkdir(parents=True, exist_ok=True)
+        elif loc.files():
             raise NotAStoreError(
-                f"{root} is a non-empty directory that is not a store; choose a new or empty "
-                "directory for the store"
+                f"{loc.url} holds objects but is not a store; choose a new or empty prefix "
+                "for the store"
             )
-        root.mkdir(parents=True, exist_ok=True)
-        Catalog(root / CATALOG).create()
-        with Catalog(root / CATALOG).write() as con:
+        with make_catalog(loc).write() as con:
+            con.execute(SCHEMA)
             con.execute(
                 "INSERT INTO meta VALUES ('format_version', ?), ('commit_seq', '0')",
                 [str(FORMAT_VERSION)],
             )
-        write_marker(root)  # last: a half-made store is not a store
-    return Store(root, read_only=read_only)
+        write_marker(loc)  # last: a half-made store is not a store
+    return Store(loc, read_only=read_only)
+
+
+def make_catalog(loc: Location) -> Catalog:
+    """The catalog of the store at ``loc``: the DuckDB file, or published generations.
+
+    Example
+    -------
+    >>> type(make_catalog(Location.parse("memory://b/s"))).__name__
+    'RemoteCatalog'
+    """
+    if loc.is_local:
+        return Catalog(loc.local_path / CATALOG)
+    from actstore.store.remote import RemoteCatalog
+
+    return RemoteCatalog(loc)
+
+
+def write_lock(loc: Location) -> Any:
+    """Take the store's writer lock: ``flock`` locally, a lease object remotely.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> write_lock(Location.parse(tempfile.mkdtemp())).release()
+    """
+    if loc.is_local:
+        return WriteLock(loc.local_path)
+    from actstore.store.remote import RemoteWriteLock
+
+    return RemoteWriteLock(loc)
 
 
 class Store:
@@ -94,11 +144,21 @@ class Store:
     >>> st.sql("SELECT name, status FROM runs").df()  # doctest: +SKIP
     """
 
-    def __init__(self, root: str | os.PathLike[str], *, read_only: bool = False) -> None:
-        self.root = Path(root)
-        self.marker = read_marker(self.root)
+    def __init__(
+        self,
+        root: StorePath,
+        *,
+        read_only: bool = False,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.location = Location.parse(root, storage_options)
+        #: The store directory (a local store) or its URL (a remote one).
+        self.root: Path | str = (
+            self.location.local_path if self.location.is_local else self.location.url
+        )
+        self.marker = read_marker(self.location)
         self.read_only = read_only
-        self.catalog = Catalog(self.root / CATALOG)
+        self.catalog = make_catalog(self.location)
         self._session: Session | None = None
 
     def __repr__(self) -> str:
@@ -201,7 +261,7 @@ class Store:
         >>> arr, info = st.array("backdoored/pairs", "blocks.2.hook_resid_post")  # doctest: +SKIP
         """
         info = self.array_info(run, hook)
-        return _arrays.open_array(self.root, info["path"], mode="r"), info
+        return _arrays.open_array(self.location, info["path"], mode="r"), info
 
     def _select_rows(
         self, rid: int, n_rows: int, where: str | None, params: Params
@@ -328,7 +388,7 @@ class Store:
             .arrow()
             .to_pylist()[0]
         )
-        size = sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
+        size = self.location.size()
         prompt_sets = sets.arrow().to_pylist()
         for p in prompt_sets:
             p["label_columns"] = json.loads(p["label_columns"] or "[]")
@@ -361,7 +421,7 @@ class Store:
         """
         self._check_writable()
         rid = self.run_id(run)
-        lock = WriteLock(self.root)
+        lock = self._lock_for_writing()
         try:
             self._recover_locked()
             return RunWriter(self, rid, commit_interval=commit_interval, lock=lock)
@@ -381,27 +441,38 @@ class Store:
         []
         """
         self._check_writable()
-        if WriteLock.held_elsewhere(self.root):
+        if self._held_elsewhere():
             return []  # a live writer owns the uncommitted files
-        lock = WriteLock(self.root)
+        lock = self._lock_for_writing()
         try:
             return self._recover_locked()
         finally:
             lock.release()
 
+    def _lock_for_writing(self) -> Any:
+        lock = write_lock(self.location)
+        if hasattr(self.catalog, "lease"):
+            self.catalog.lease = lock  # a remote catalog renews the lease on every commit
+        return lock
+
+    def _held_elsewhere(self) -> bool:
+        if self.location.is_local:
+            return WriteLock.held_elsewhere(self.location.local_path)
+        from actstore.store.remote import RemoteWriteLock
+
+        lease = getattr(self.catalog, "lease", None)
+        return RemoteWriteLock.held_elsewhere(self.location, lease and lease.token)
+
     def _recover_locked(self) -> list[str]:
-        fdir = self.root / FEATURES_DIR
-        if not fdir.exists():
+        files = self.location.files(FEATURES_DIR)
+        if not files:
             return []
-        known = {
-            str(self.root / p)
-            for p in self.catalog.read("SELECT path FROM feature_files").column("path").to_pylist()
-        }
+        known = set(self.catalog.read("SELECT path FROM feature_files").column("path").to_pylist())
         removed = []
-        for p in fdir.rglob("*"):
-            if p.is_file() and str(p) not in known:
-                p.unlink()
-                removed.append(str(p.relative_to(self.root)))
+        for rel in files:
+            if rel not in known:
+                self.location.remove(rel)
+                removed.append(rel)
         return removed
 
     def close(self) -> None:

@@ -216,7 +216,7 @@ class RunWriter:
                     f"run {run_id}: array {a['hook']} has {a['n_rows']} committed rows but the "
                     f"run's batches cover {self.committed_rows}; the catalog is inconsistent"
                 )
-            arr = _arrays.open_array(store.root, a["path"])
+            arr = _arrays.open_array(store.location, a["path"])
             shard = int(a["shard_rows"])
             start = (self.committed_rows // shard) * shard
             buf = _HookBuffer(arr, a["hook"], shard, start, disk_rows=self.committed_rows)
@@ -384,7 +384,7 @@ class RunWriter:
             feats = np.concatenate([f for _, _, f, _ in chunks])
             vals = np.concatenate([v for _, _, _, v in chunks])
             rel = _features.write_part(
-                self.store.root,
+                self.store.location,
                 run_id=self.run_id,
                 sae_id=sae_id,
                 first_row=first_row,

@@ -1,0 +1,386 @@
+"""The catalog and write lock of a store in object storage (S3, GCS, ``memory://``...).
+
+DuckDB cannot open a database file in an object store, and an object cannot be
+changed in place, so a remote store's catalog is a sequence of immutable
+**generations**: ``catalog/v000000000042.duckdb`` is the whole catalog after
+the 42nd commit. A commit
+
+1. brings the writer's local working copy up to the newest generation (listing
+   ``catalog/``; downloading it if another writer committed since),
+2. runs the transaction on the working copy (arrays and Parquet parts are
+   already uploaded: step 1 of the store's append order is unchanged),
+3. **publishes** it as the next generation with an exclusive create (S3's
+   conditional ``If-None-Match: *`` put). That put is the commit point: of two
+   writers racing for one generation exactly one wins; the other gets
+   :class:`~actstore.errors.ConcurrentWriteError` and publishes nothing.
+
+A reader lists ``catalog/`` (at most once per ``refresh`` seconds), downloads
+the newest generation into its cache once, and attaches that file read-only
+for each statement, so every statement sees one whole commit, never part of
+one, and never data files a commit has not listed. Old generations are deleted
+after :data:`KEEP_GENERATIONS` newer ones exist; a reader that lost the race
+for one lists again.
+
+Writers also take a **lease** (``write.lock``, created exclusively, refreshed on
+every commit, expired after :data:`LEASE_SECONDS` without one) so that two
+ingests into the same store fail fast instead of overwriting each other's array
+shards. Parallel ingests write shard stores and ``actstore merge`` them.
+
+Example
+-------
+>>> from actstore.store.location import Location
+>>> cat = RemoteCatalog(Location.parse("memory://remote-doc/store"))
+>>> cat.create()
+>>> with cat.write() as con:
+...     _ = con.execute("INSERT INTO meta VALUES ('k', 'v')")
+>>> cat.read("SELECT value FROM meta").to_pylist(), cat.generation()
+([{'value': 'v'}], 2)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from actstore.errors import ConcurrentWriteError, StoreLockedError
+from actstore.store.catalog import Catalog
+from actstore.store.location import Location
+
+__all__ = ["KEEP_GENERATIONS", "LEASE_SECONDS", "RemoteCatalog", "RemoteWriteLock", "cache_dir"]
+
+CATALOG_DIR = "catalog"
+LOCK_FILE = "write.lock"
+#: Generations kept behind the newest one (readers a few commits behind still find theirs).
+KEEP_GENERATIONS = 8
+#: A writer's lease expires this long after its last commit (a killed writer's lock).
+LEASE_SECONDS = 600.0
+_GEN = re.compile(r"v(\d{12})\.duckdb$")
+
+
+def cache_dir(loc: Location) -> Path:
+    """The local directory caching the catalog generations of remote store ``loc``.
+
+    ``$ACTSTORE_CACHE`` (default ``~/.cache/actstore``) / ``remote`` / a hash of the URL.
+
+    Example
+    -------
+    >>> cache_dir(Location.parse("s3://b/s")).parent.name
+    'remote'
+    """
+    base = Path(os.environ.get("ACTSTORE_CACHE", "~/.cache/actstore")).expanduser()
+    key = hashlib.sha256(loc.url.encode()).hexdigest()[:16]
+    return base / "remote" / key
+
+
+def _gen_name(g: int) -> str:
+    return f"{CATALOG_DIR}/v{g:012d}.duckdb"
+
+
+class RemoteCatalog(Catalog):
+    """The catalog of a store at an fsspec URL: published generations of a DuckDB file.
+
+    Parameters
+    ----------
+    loc
+        The store's location.
+    refresh
+        Seconds a reader reuses its last listing of the generations before listing
+        again (writers always list).
+
+    Example
+    -------
+    >>> cat = RemoteCatalog(Location.parse("memory://remote-doc/cat2")); cat.create()
+    >>> cat.read("SELECT count(*) AS n FROM runs").to_pylist()
+    [{'n': 0}]
+    """
+
+    def __init__(self, loc: Location, *, refresh: float = 1.0, lock_timeout: float = 120.0):
+        self.loc = loc
+        self.cache = cache_dir(loc)
+        self.cache.mkdir(parents=True, exist_ok=True)
+        work = self.cache / f"work-{os.getpid()}-{uuid.uuid4().hex[:8]}.duckdb"
+        super().__init__(work, lock_timeout=lock_timeout)
+        self.refresh = refresh
+        self._work_gen: int | None = None  # the generation the working copy holds
+        self._listed: tuple[float, int] | None = None
+        self.lease: RemoteWriteLock | None = None  # set by a writer holding the lease
+
+    def __del__(self) -> None:
+        for p in (self.path, self.path.with_name(self.path.name + ".wal")):
+            with suppress(OSError):
+                p.unlink(missing_ok=True)
+
+    # -- generations --------------------------------------------------------------
+
+    def generations(self) -> list[int]:
+        """The published generations, oldest first (one fresh listing).
+
+        Example
+        -------
+        >>> RemoteCatalog(Location.parse("memory://remote-doc/none")).generations()
+        []
+        """
+        names = [f[len(CATALOG_DIR) + 1 :] for f in self.loc.files(CATALOG_DIR)]
+        return sorted(int(m.group(1)) for n in names if (m := _GEN.fullmatch(n)))
+
+    def generation(self, *, fresh: bool = False) -> int:
+        """The newest published generation (0: none), listed at most every ``refresh`` s.
+
+        Example
+        -------
+        >>> RemoteCatalog(Location.parse("memory://remote-doc/g0")).generation()
+        0
+        """
+        now = time.monotonic()
+        if not fresh and self._listed is not None and now - self._listed[0] < self.refresh:
+            return self._listed[1]
+        gens = self.generations()
+        g = gens[-1] if gens else 0
+        self._listed = (now, g)
+        return g
+
+    def _cached(self, g: int) -> Path:
+        """The local copy of generation ``g``, downloaded once (immutable, shared)."""
+        path = self.cache / f"v{g:012d}.duckdb"
+        if not path.exists():
+            tmp = self.cache / f".v{g:012d}.{uuid.uuid4().hex}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(self.loc.read_bytes(_gen_name(g)))
+            os.replace(tmp, path)
+            self._prune_cache(g)
+        return path
+
+    def _prune_cache(self, newest: int) -> None:
+        for p in self.cache.glob("v*.duckdb"):
+            m = _GEN.fullmatch(p.name)
+            if m and int(m.group(1)) < newest - KEEP_GENERATIONS:
+                p.unlink(missing_ok=True)
+
+    def _reader_copy(self) -> Path:
+        """The newest generation's local copy, listing again if it was just deleted."""
+        for attempt in range(5):
+            g = self.generation(fresh=attempt > 0)
+            if g == 0:
+                raise FileNotFoundError(f"store {self.loc.url} has no catalog generation")
+            try:
+                return self._cached(g)
+            except FileNotFoundError:
+                continue
+        raise ConcurrentWriteError(
+            f"store {self.loc.url}: the catalog generations changed faster than they could be "
+            "read; retry, or read while fewer commits are under way"
+        )
+
+    # -- Catalog interface --------------------------------------------------------------
+
+    def create(self) -> None:
+        """Publish generation 1: the empty tables (idempotent).
+
+        Example
+        -------
+        >>> RemoteCatalog(Location.parse("memory://remote-doc/c3")).create()
+        """
+        with self.write() as con:
+            from actstore.store.catalog import SCHEMA
+
+            con.execute(SCHEMA)
+
+    @contextmanager
+    def write(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """One transaction on the working copy, published as the next generation.
+
+        Raises
+        ------
+        ConcurrentWriteError
+            Another writer published the same generation first; this commit is not
+            published (its data files stay unreferenced, and are recovered).
+
+        Example
+        -------
+        >>> cat = RemoteCatalog(Location.parse("memory://remote-doc/w")); cat.create()
+        >>> with cat.write() as con:
+        ...     _ = con.execute("INSERT INTO meta VALUES ('a', 'b')")
+        """
+        with self._lock:
+            base = self.generation(fresh=True)
+            if self._work_gen != base:
+                self.path.with_name(self.path.name + ".wal").unlink(missing_ok=True)
+                if base:
+                    shutil.copyfile(self._cached(base), self.path)
+                else:
+                    self.path.unlink(missing_ok=True)
+            self._work_gen = None  # until published, the working copy is ahead of any generation
+            with super().write() as con:
+                yield con
+            wal = self.path.with_name(self.path.name + ".wal")
+            if wal.exists():  # fold the log into the file: the file alone is published
+                c = duckdb.connect(str(self.path))
+                c.execute("CHECKPOINT")
+                c.close()
+            data = self.path.read_bytes()
+            new = base + 1
+            if self.lease is not None and self.lease.held:
+                self.lease.check()
+            try:
+                self.loc.write_bytes(_gen_name(new), data, exclusive=True)
+            except FileExistsError:
+                raise ConcurrentWriteError(
+                    f"store {self.loc.url}: another process committed catalog generation {new} "
+                    "at the same time, so this commit was not published; one writer at a time "
+                    "per store (write shard stores in parallel and `actstore merge` them), then retry"
+                ) from None
+            self._work_gen = new
+            cached = self.cache / f"v{new:012d}.duckdb"
+            if not cached.exists():
+                tmp = self.cache / f".v{new:012d}.{uuid.uuid4().hex}.tmp"
+                shutil.copyfile(self.path, tmp)
+                os.replace(tmp, cached)
+            self._listed = (time.monotonic(), new)
+            if self.lease is not None and self.lease.held:
+                self.lease.renew()
+            self._prune(new)
+
+    def _prune(self, newest: int) -> None:
+        for g in self.generations():
+            if g < newest - KEEP_GENERATIONS:
+                self.loc.remove(_gen_name(g))
+        self._prune_cache(newest)
+
+    @contextmanager
+    def attached(self, con: duckdb.DuckDBPyConnection, alias: str = "cat") -> Iterator[None]:
+        """Attach the newest generation read-only to ``con`` for the duration of a block.
+
+        Example
+        -------
+        >>> cat = RemoteCatalog(Location.parse("memory://remote-doc/att")); cat.create()
+        >>> mem = duckdb.connect()
+        >>> with cat.attached(mem):
+        ...     mem.execute("SELECT count(*) FROM cat.runs").fetchall()
+        [(0,)]
+        """
+        with self._lock:
+            path = str(self._reader_copy()).replace("'", "''")
+            con.execute(f"ATTACH '{path}' AS {alias} (READ_ONLY)")
+            try:
+                yield
+            finally:
+                con.execute(f"DETACH {alias}")
+
+
+class RemoteWriteLock:
+    """The writer lease of a remote store: ``write.lock``, created exclusively.
+
+    It names its holder (host, pid, time). A lease not renewed for
+    :data:`LEASE_SECONDS` (its writer was killed) is taken over.
+
+    Example
+    -------
+    >>> loc = Location.parse("memory://remote-doc/lock")
+    >>> lk = RemoteWriteLock(loc)
+    >>> RemoteWriteLock.held_elsewhere(loc, lk.token)
+    False
+    >>> lk.release()
+    """
+
+    def __init__(self, loc: Location, lease: float = LEASE_SECONDS) -> None:
+        self.loc = loc
+        self.lease = lease
+        self.token = uuid.uuid4().hex
+        self._guard = threading.Lock()
+        self._held = False
+        body = self._body()
+        try:
+            loc.write_bytes(LOCK_FILE, body, exclusive=True)
+        except FileExistsError:
+            holder = self._holder()
+            if holder is not None and time.time() - float(holder.get("renewed", 0)) < lease:
+                raise StoreLockedError(
+                    f"another process is writing to store {loc.url} (host {holder.get('host')}, "
+                    f"pid {holder.get('pid')}, since {holder.get('since')}); wait for it to "
+                    "finish (or write to a separate shard store and merge). A killed writer's "
+                    f"lease expires {lease:.0f}s after its last commit."
+                ) from None
+            loc.remove(LOCK_FILE)  # expired (or vanished): take it over
+            try:
+                loc.write_bytes(LOCK_FILE, body, exclusive=True)
+            except FileExistsError:
+                raise StoreLockedError(
+                    f"another process took the write lease of store {loc.url} just now; wait "
+                    "for it to finish"
+                ) from None
+        self._held = True
+
+    def _body(self) -> bytes:
+        now = time.time()
+        return json.dumps(
+            {
+                "token": self.token,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+                "renewed": now,
+            }
+        ).encode()
+
+    def _holder(self) -> dict[str, Any] | None:
+        try:
+            body = self.loc.read_json(LOCK_FILE)
+        except (FileNotFoundError, ValueError):
+            return None
+        return body if isinstance(body, dict) else None
+
+    @property
+    def held(self) -> bool:
+        """Whether this lease is still held (not released)."""
+        return self._held
+
+    def check(self) -> None:
+        """Raise if the lease was taken over (this writer stalled past its lease)."""
+        holder = self._holder()
+        if holder is None or holder.get("token") != self.token:
+            raise ConcurrentWriteError(
+                f"store {self.loc.url}: this writer's lease expired and another writer took "
+                "the store over; this commit was not published. Re-run the job to resume."
+            )
+
+    def renew(self) -> None:
+        """Extend the lease (after each commit)."""
+        with self._guard:
+            if self._held:
+                holder = self._holder() or {}
+                body = json.loads(self._body())
+                body["since"] = holder.get("since", body["since"])
+                self.loc.write_bytes(LOCK_FILE, json.dumps(body).encode())
+
+    @classmethod
+    def held_elsewhere(cls, loc: Location, token: str | None = None) -> bool:
+        """Whether a live lease other than ``token`` holds the store."""
+        try:
+            holder = loc.read_json(LOCK_FILE)
+        except (FileNotFoundError, ValueError):
+            return False
+        if not isinstance(holder, dict) or holder.get("token") == token:
+            return False
+        return time.time() - float(holder.get("renewed", 0)) < LEASE_SECONDS
+
+    def release(self) -> None:
+        """Give the lease back (idempotent)."""
+        with self._guard:
+            if self._held:
+                holder = self._holder()
+                if holder is not None and holder.get("token") == self.token:
+                    self.loc.remove(LOCK_FILE)
+                self._held = False
