@@ -305,9 +305,7 @@ def ingest(
 
 @main.command()
 @click.argument("out", type=STORE)
-@click.argument(
-    "shards", nargs=-1, required=True, type=STORE
-)
+@click.argument("shards", nargs=-1, required=True, type=STORE)
 @user_errors
 def merge(out: str, shards: tuple[str, ...]) -> None:
     """Merge shard stores of one sharded ingest into OUT (idempotent, bit-identical to one ingest).

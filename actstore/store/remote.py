@@ -49,7 +49,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -119,9 +119,12 @@ class RemoteCatalog(Catalog):
         self.lease: RemoteWriteLock | None = None  # set by a writer holding the lease
 
     def __del__(self) -> None:
+        # the working copy is private to this object; at interpreter exit modules may be gone
         for p in (self.path, self.path.with_name(self.path.name + ".wal")):
-            with suppress(OSError):
-                p.unlink(missing_ok=True)
+            try:  # noqa: SIM105
+                os.unlink(p)
+            except Exception:
+                pass
 
     # -- generations --------------------------------------------------------------
 

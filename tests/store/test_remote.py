@@ -162,7 +162,10 @@ def test_s3_store_queries_and_analyses_like_local(remote_runs):
     local = actstore.open(remote_runs["local"])
     remote = actstore.open(remote_runs["remote"], read_only=True)
     where = "position_role = 'last'"
-    la, ra = local.acts("main/pairs", HOOK, where=where), remote.acts("main/pairs", HOOK, where=where)
+    la, ra = (
+        local.acts("main/pairs", HOOK, where=where),
+        remote.acts("main/pairs", HOOK, where=where),
+    )
     np.testing.assert_array_equal(la.numpy(np.float32), ra.numpy(np.float32))
     assert la.meta.to_pylist() == ra.meta.to_pylist()
     for name, args in [
@@ -203,9 +206,7 @@ def test_dask_pca_on_s3_store_with_worker_processes(remote_runs):
     with adask.local_client(n_workers=2, threads_per_worker=1) as client:
         dist = adask.pca(st, **kw, block_rows=16, client=client).fits[HOOK]
     np.testing.assert_allclose(dist.explained_variance, local.explained_variance, rtol=1e-5)
-    np.testing.assert_allclose(
-        np.abs(dist.components @ local.components.T), np.eye(3), atol=1e-4
-    )
+    np.testing.assert_allclose(np.abs(dist.components @ local.components.T), np.eye(3), atol=1e-4)
 
 
 def test_cli_reads_an_s3_store(remote_runs):
@@ -236,11 +237,11 @@ def test_racing_commits_publish_one_and_refuse_the_other(s3_bucket):
     actstore.open(url, create=True)
     a, b = RemoteCatalog(Location.parse(url)), RemoteCatalog(Location.parse(url))
     base = a.generation(fresh=True)
-    with pytest.raises(ConcurrentWriteError, match="at the same time"):
-        with b.write() as con:  # b starts from `base` ...
-            con.execute("INSERT INTO meta VALUES ('writer', 'b')")
-            with a.write() as con_a:  # ... and a publishes base + 1 first
-                con_a.execute("INSERT INTO meta VALUES ('writer', 'a')")
+    # b starts from `base`, and a publishes base + 1 before b commits
+    with pytest.raises(ConcurrentWriteError, match="at the same time"), b.write() as con:
+        con.execute("INSERT INTO meta VALUES ('writer', 'b')")
+        with a.write() as con_a:
+            con_a.execute("INSERT INTO meta VALUES ('writer', 'a')")
     assert a.generation(fresh=True) == base + 1
     rows = actstore.open(url).sql("SELECT value FROM meta WHERE key = 'writer'").fetchall()
     assert rows == [("a",)]
