@@ -161,7 +161,9 @@ def store_write_throughput(root: Path, rows: int, d: int) -> tuple[float, float]
 
     data = np.random.default_rng(0).standard_normal((rows, d)).astype(np.float16)
     batch = 1024
-    warm = actstore.open(root / "warm", create=True)  # imports and first-use costs out of the timing
+    warm = actstore.open(
+        root / "warm", create=True
+    )  # imports and first-use costs out of the timing
     objects.create_run(warm, name="r", hooks={"h": (0, d)})
     st = actstore.open(root / "wstore", create=True)
     ps = objects.add_prompt_set(

@@ -93,13 +93,21 @@ def open(
                 f"{loc.url} holds objects but is not a store; choose a new or empty prefix "
                 "for the store"
             )
-        with make_catalog(loc).write() as con:
-            con.execute(SCHEMA)
-            con.execute(
-                "INSERT INTO meta VALUES ('format_version', ?), ('commit_seq', '0')",
-                [str(FORMAT_VERSION)],
-            )
-        write_marker(loc)  # last: a half-made store is not a store
+        try:
+            with make_catalog(loc).write() as con:
+                con.execute(SCHEMA)
+                con.execute(
+                    "INSERT INTO meta VALUES ('format_version', ?), ('commit_seq', '0')",
+                    [str(FORMAT_VERSION)],
+                )
+            write_marker(loc)  # last: a half-made store is not a store
+        except OSError as e:
+            if loc.is_local:
+                raise
+            raise InputError(
+                f"cannot create a store at {loc.url} ({type(e).__name__}: {e}); check that the "
+                "bucket exists and that the credentials may write to it"
+            ) from e
     return Store(loc, read_only=read_only)
 
 

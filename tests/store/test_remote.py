@@ -365,3 +365,10 @@ def test_threads_of_one_process_share_a_remote_store(s3_bucket):
     for t in threads:
         t.join()
     assert errors == []
+
+
+def test_a_missing_bucket_is_a_clear_error(s3_endpoint):
+    with pytest.raises(InputError, match="check that the bucket exists"):
+        actstore.open("s3://no-such-bucket-here/store", create=True)
+    with pytest.raises(NotAStoreError, match="not an actstore store"):
+        actstore.open("s3://no-such-bucket-here/store")
