@@ -28,15 +28,17 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import duckdb
 import pyarrow as pa
 
 from actstore.errors import StoreLockedError
+
+T = TypeVar("T")
 
 #: Catalog schema, format v1. Keys are documented, not declared: DuckDB's index
 #: maintenance makes updates slow and one writer at a time enforces them anyway.
@@ -204,6 +206,23 @@ class Catalog:
                 con.execute("COMMIT")
             finally:
                 con.close()
+
+    def transact(self, body: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+        """Run ``body(con)`` in one write transaction and return its result.
+
+        Unlike :meth:`write`, the body may be run again: a remote catalog retries it
+        when another writer published the same generation first, so ``body`` must
+        only touch the connection (no state outside it until it returns).
+
+        Example
+        -------
+        >>> import tempfile, pathlib
+        >>> cat = Catalog(pathlib.Path(tempfile.mkdtemp()) / "c.duckdb"); cat.create()
+        >>> cat.transact(lambda con: con.execute("INSERT INTO meta VALUES ('k', 'v')") and 1)
+        1
+        """
+        with self.write() as con:
+            return body(con)
 
     @contextmanager
     def attached(self, con: duckdb.DuckDBPyConnection, alias: str = "cat") -> Iterator[None]:

@@ -42,13 +42,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,7 @@ from typing import Any
 import duckdb
 
 from actstore.errors import ConcurrentWriteError, StoreLockedError
-from actstore.store.catalog import Catalog
+from actstore.store.catalog import Catalog, T
 from actstore.store.location import Location
 
 __all__ = ["KEEP_GENERATIONS", "LEASE_SECONDS", "RemoteCatalog", "RemoteWriteLock", "cache_dir"]
@@ -87,6 +88,10 @@ def cache_dir(loc: Location) -> Path:
 
 def _gen_name(g: int) -> str:
     return f"{CATALOG_DIR}/v{g:012d}.duckdb"
+
+
+class GenerationTakenError(ConcurrentWriteError):
+    """Another writer published the catalog generation this commit was to take."""
 
 
 class RemoteCatalog(Catalog):
@@ -240,7 +245,7 @@ class RemoteCatalog(Catalog):
             try:
                 self.loc.write_bytes(_gen_name(new), data, exclusive=True)
             except FileExistsError:
-                raise ConcurrentWriteError(
+                raise GenerationTakenError(
                     f"store {self.loc.url}: another process committed catalog generation {new} "
                     "at the same time, so this commit was not published; one writer at a time "
                     "per store (write shard stores in parallel and `actstore merge` them), then retry"
@@ -261,6 +266,30 @@ class RemoteCatalog(Catalog):
             if g < newest - KEEP_GENERATIONS:
                 self.loc.remove(_gen_name(g))
         self._prune_cache(newest)
+
+    def transact(self, body: Callable[[duckdb.DuckDBPyConnection], T], attempts: int = 5) -> T:
+        """Run ``body(con)`` in one published transaction, again if another writer won.
+
+        When another process publishes the generation this commit was going to
+        take, the body is run again on the new generation (up to ``attempts``
+        times), so an ingest does not fail because, say, an analysis saved its
+        result at the same moment.
+
+        Example
+        -------
+        >>> cat = RemoteCatalog(Location.parse("memory://remote-doc/tx")); cat.create()
+        >>> cat.transact(lambda con: con.execute("INSERT INTO meta VALUES ('a', 'b')") and 7)
+        7
+        """
+        for attempt in range(attempts):
+            try:
+                with self.write() as con:
+                    return body(con)
+            except GenerationTakenError:
+                if attempt + 1 == attempts:
+                    raise
+                time.sleep(random.uniform(0.01, 0.05) * (attempt + 1))
+        raise AssertionError("unreachable")
 
     @contextmanager
     def attached(self, con: duckdb.DuckDBPyConnection, alias: str = "cat") -> Iterator[None]:

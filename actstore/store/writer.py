@@ -43,6 +43,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -413,7 +414,8 @@ class RunWriter:
         scs = [s for b in batches if (s := b.scores) is not None]
         if self._before_commit is not None:
             self._before_commit()
-        with self.store.catalog.write() as con:
+
+        def body(con: duckdb.DuckDBPyConnection) -> None:  # re-runnable (remote retries)
             con.register("_tok", tokens)
             con.execute(f"INSERT INTO tokens ({', '.join(tokens.column_names)}) SELECT * FROM _tok")
             con.unregister("_tok")
@@ -448,6 +450,8 @@ class RunWriter:
                     con.unregister("_t")
             con.execute("UPDATE arrays SET n_rows = ? WHERE run_id = ?", [end_row, self.run_id])
             bump_commit_seq(con)
+
+        self.store.catalog.transact(body)
         self.committed_rows = end_row
 
 

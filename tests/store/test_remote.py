@@ -372,3 +372,21 @@ def test_a_missing_bucket_is_a_clear_error(s3_endpoint):
         actstore.open("s3://no-such-bucket-here/store", create=True)
     with pytest.raises(NotAStoreError, match="not an actstore store"):
         actstore.open("s3://no-such-bucket-here/store")
+
+
+def test_a_commit_that_loses_the_race_is_run_again(s3_bucket):
+    url = f"{s3_bucket}/retry"
+    actstore.open(url, create=True)
+    ingest, other = RemoteCatalog(Location.parse(url)), RemoteCatalog(Location.parse(url))
+    calls = []
+
+    def body(con):
+        calls.append(len(calls))
+        con.execute("INSERT INTO meta VALUES ('ingest', ?)", [str(len(calls))])
+        if len(calls) == 1:  # another process publishes first, while this commit is under way
+            other.transact(lambda c: c.execute("INSERT INTO meta VALUES ('analysis', 'x')"))
+
+    ingest.transact(body)
+    assert calls == [0, 1]
+    rows = actstore.open(url).sql("SELECT key, value FROM meta WHERE key IN ('ingest', 'analysis')")
+    assert sorted(rows.fetchall()) == [("analysis", "x"), ("ingest", "2")]
