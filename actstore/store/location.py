@@ -43,7 +43,7 @@ __all__ = ["Location", "StorePath"]
 class Location:
     """A store root: a local directory, or a URL of an fsspec filesystem.
 
-    Use :meth:`parse`. ``url`` is the normalised root: an absolute local path, or
+    Use :meth:`parse`. ``url`` is the normalised root: the local path as given, or
     ``PROTOCOL://PATH`` without a trailing slash.
 
     Example
@@ -86,7 +86,7 @@ class Location:
                     "to fsspec URLs such as s3://bucket/store"
                 )
             local = Path(text[len("file://") :] if text.startswith("file://") else text)
-            local = local.expanduser().absolute()
+            local = local.expanduser()  # kept relative, as given, for messages
             return cls(str(local), "file", str(local), opts)
         protocol, rest = text.split("://", 1)
         rest = rest.rstrip("/")
@@ -151,6 +151,18 @@ class Location:
 
     def __str__(self) -> str:
         return self.url
+
+    def same_store(self, other: Location) -> bool:
+        """Whether ``other`` names the same store (local paths compared resolved).
+
+        Example
+        -------
+        >>> Location.parse("runs/x").same_store(Location.parse("./runs/x"))
+        True
+        """
+        if self.is_local and other.is_local:
+            return self.local_path.resolve() == other.local_path.resolve()
+        return self.url == other.url
 
     # -- files ------------------------------------------------------------------------
 

@@ -608,7 +608,7 @@ def merge(
         )
     out_loc = Location.parse(out)
     for s in shards:
-        if Location.parse(s) == out_loc:
+        if Location.parse(s).same_store(out_loc):
             raise InputError(
                 f"the output store {out_loc} is also one of the shards; merge into another store"
             )
