@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +61,11 @@ def feature_dir_relpath(run_id: int, sae_id: int) -> str:
     return f"{FEATURES_DIR}/run{run_id:06d}/sae{sae_id:06d}"
 
 
-def write_marker(root: Path | Location) -> None:
+def write_marker(root: Path | Location, store_id: str | None = None) -> None:
     """Write the format marker of a new store (atomically).
+
+    ``store_id`` (default: a new random id) tells this store apart from any other
+    that has lived, or will live, at the same path or URL.
 
     Example
     -------
@@ -76,6 +80,7 @@ def write_marker(root: Path | Location) -> None:
         "format_version": FORMAT_VERSION,
         "created_by": f"actstore {__version__}",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "store_id": store_id or uuid.uuid4().hex,
     }
     Location.parse(root).write_bytes(MARKER, (json.dumps(body, indent=2) + "\n").encode())
 

@@ -71,10 +71,12 @@ LEASE_SECONDS = 600.0
 _GEN = re.compile(r"v(\d{12})\.duckdb$")
 
 
-def cache_dir(loc: Location) -> Path:
+def cache_dir(loc: Location, store_id: str = "") -> Path:
     """The local directory caching the catalog generations of remote store ``loc``.
 
-    ``$ACTSTORE_CACHE`` (default ``~/.cache/actstore``) / ``remote`` / a hash of the URL.
+    ``$ACTSTORE_CACHE`` (default ``~/.cache/actstore``) / ``remote`` / a hash of the
+    URL and the store's id (from its marker), so another store at the same URL
+    (another endpoint, or one deleted and made again) has its own cache.
 
     Example
     -------
@@ -82,7 +84,7 @@ def cache_dir(loc: Location) -> Path:
     'remote'
     """
     base = Path(os.environ.get("ACTSTORE_CACHE", "~/.cache/actstore")).expanduser()
-    key = hashlib.sha256(loc.url.encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{loc.url}\n{store_id}".encode()).hexdigest()[:16]
     return base / "remote" / key
 
 
@@ -101,6 +103,8 @@ class RemoteCatalog(Catalog):
     ----------
     loc
         The store's location.
+    store_id
+        The store's id (``actstore.json``): keys the local cache of generations.
     refresh
         Seconds a reader reuses its last listing of the generations before listing
         again (writers always list).
@@ -112,9 +116,16 @@ class RemoteCatalog(Catalog):
     [{'n': 0}]
     """
 
-    def __init__(self, loc: Location, *, refresh: float = 1.0, lock_timeout: float = 120.0):
+    def __init__(
+        self,
+        loc: Location,
+        *,
+        store_id: str = "",
+        refresh: float = 1.0,
+        lock_timeout: float = 120.0,
+    ):
         self.loc = loc
-        self.cache = cache_dir(loc)
+        self.cache = cache_dir(loc, store_id)
         self.cache.mkdir(parents=True, exist_ok=True)
         work = self.cache / f"work-{os.getpid()}-{uuid.uuid4().hex[:8]}.duckdb"
         super().__init__(work, lock_timeout=lock_timeout)

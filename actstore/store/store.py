@@ -11,6 +11,7 @@ Example
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -94,13 +95,14 @@ def open(
                 "for the store"
             )
         try:
-            with make_catalog(loc).write() as con:
+            store_id = uuid.uuid4().hex
+            with make_catalog(loc, store_id).write() as con:
                 con.execute(SCHEMA)
                 con.execute(
                     "INSERT INTO meta VALUES ('format_version', ?), ('commit_seq', '0')",
                     [str(FORMAT_VERSION)],
                 )
-            write_marker(loc)  # last: a half-made store is not a store
+            write_marker(loc, store_id)  # last: a half-made store is not a store
         except OSError as e:
             if loc.is_local:
                 raise
@@ -111,8 +113,12 @@ def open(
     return Store(loc, read_only=read_only)
 
 
-def make_catalog(loc: Location) -> Catalog:
+def make_catalog(loc: Location, store_id: str = "") -> Catalog:
     """The catalog of the store at ``loc``: the DuckDB file, or published generations.
+
+    ``store_id`` (the marker's) keys a remote catalog's local cache, so two stores
+    that had the same URL (another endpoint, or deleted and made again) never share
+    cached generations.
 
     Example
     -------
@@ -123,7 +129,7 @@ def make_catalog(loc: Location) -> Catalog:
         return Catalog(loc.local_path / CATALOG)
     from actstore.store.remote import RemoteCatalog
 
-    return RemoteCatalog(loc)
+    return RemoteCatalog(loc, store_id=store_id)
 
 
 def write_lock(loc: Location) -> Any:
@@ -166,7 +172,8 @@ class Store:
         )
         self.marker = read_marker(self.location)
         self.read_only = read_only
-        self.catalog = make_catalog(self.location)
+        ident = self.marker.get("store_id") or self.marker.get("created_at") or ""
+        self.catalog = make_catalog(self.location, str(ident))
         self._session: Session | None = None
 
     def __repr__(self) -> str:

@@ -411,3 +411,17 @@ def test_a_commit_that_loses_the_race_is_run_again(s3_bucket):
     assert calls == [0, 1]
     rows = actstore.open(url).sql("SELECT key, value FROM meta WHERE key IN ('ingest', 'analysis')")
     assert sorted(rows.fetchall()) == [("analysis", "x"), ("ingest", "2")]
+
+
+def test_a_store_made_again_at_the_same_url_does_not_read_the_old_cache(s3_bucket):
+    url = f"{s3_bucket}/again"
+    st = actstore.open(url, create=True)
+    objects.add_prompt_set(st, name="old", table=pa.table({"text": ["a"]}))
+    assert actstore.open(url).sql("SELECT name FROM prompt_sets").fetchall() == [("old",)]
+    fs = s3fs.S3FileSystem()
+    fs.rm(url, recursive=True)
+    fs.invalidate_cache()
+    again = actstore.open(url, create=True)  # its generations are numbered from 1 again
+    objects.add_prompt_set(again, name="new", table=pa.table({"text": ["b"]}))
+    assert actstore.open(url).sql("SELECT name FROM prompt_sets").fetchall() == [("new",)]
+    assert again.marker["store_id"] != st.marker["store_id"]
