@@ -195,6 +195,15 @@ def test_s3_store_queries_and_analyses_like_local(remote_runs):
         "SELECT kind, provenance->>'store' AS store FROM analyses WHERE name = 'pca_remote'"
     )
     assert row.fetchall() == [("pca", remote_runs["remote"])]
+    # a stored direction projected inside SQL reads the remote array rows
+    for st in (actstore.open(remote_runs["local"]), writable):
+        contrast(st, **{**kw, "methods": ["mean_diff"], "n_random": 5, "save": True}, name="t")
+    q = (
+        f"SELECT row, project(run, '{HOOK}', row, 't/mean_diff/{HOOK}') AS p FROM labeled_tokens "
+        "WHERE run = 'main/pairs' AND position_role = 'last' ORDER BY row"
+    )
+    got = actstore.open(remote_runs["remote"]).sql(q).fetchall()
+    assert len(got) == 9 and got == local.sql(q).fetchall()
 
 
 def test_dask_pca_on_s3_store_with_worker_processes(remote_runs):
