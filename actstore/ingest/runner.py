@@ -424,7 +424,7 @@ def run_job(
     shard
         Run only shard ``i`` of ``N`` (``"i/N"`` or ``(i, N)``): whole batches, into
         the store ``{store}.shard-i-of-N`` unless ``store=`` is given; combine the
-        shard stores with :func:`actstore.store.merge.merge` (see ``docs/SCALE.md``).
+        shard stores with :func:`actstore.ingest.merge.merge` (see ``docs/SCALE.md``).
     **overrides
         Job settings to replace (see :meth:`IngestJob.with_overrides`).
 

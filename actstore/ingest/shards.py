@@ -2,7 +2,7 @@
 
 A SLURM job array, or N GPUs, each run one shard of the same job
 (``actstore ingest job.toml --shard i/N``) into a shard store of their own;
-:func:`actstore.store.merge.merge` then combines the shard stores into one
+:func:`actstore.ingest.merge.merge` then combines the shard stores into one
 store equal, bit for bit, to a single-process ingest of the job.
 
 What makes that possible is that a shard takes **whole batches**. Batch ``k``

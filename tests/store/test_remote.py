@@ -28,15 +28,15 @@ from actstore.analysis.contrast import contrast
 from actstore.analysis.pca import pca
 from actstore.errors import ConcurrentWriteError, InputError, NotAStoreError, StoreLockedError
 from actstore.ingest.job import IngestJob
+from actstore.ingest.merge import merge
 from actstore.ingest.runner import run_job
 from actstore.ingest.shards import shard_store_paths
 from actstore.queries.named import run_named
 from actstore.store import objects
 from actstore.store.features import write_part
 from actstore.store.location import Location
-from actstore.store.merge import merge
 from actstore.store.remote import RemoteCatalog, RemoteWriteLock
-from tests.store.test_merge import (
+from tests.ingest.test_merge import (
     SAE_HOOK,
     array_bits,
     catalog_content,

