@@ -108,7 +108,13 @@ class Location:
 
     @property
     def is_local(self) -> bool:
-        """Whether the store is a local directory (fast paths apply)."""
+        """Whether the store is a local directory (fast paths apply).
+
+        Example
+        -------
+        >>> Location.parse("runs/x").is_local, Location.parse("s3://b/x").is_local
+        (True, False)
+        """
         return self.protocol == "file"
 
     @property
@@ -126,7 +132,13 @@ class Location:
 
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
-        """The (synchronous) fsspec filesystem; fsspec caches instances."""
+        """The (synchronous) fsspec filesystem; fsspec caches instances.
+
+        Example
+        -------
+        >>> type(Location.parse("memory://b/x").fs).__name__
+        'MemoryFileSystem'
+        """
         return fsspec.filesystem(self.protocol, **self.storage_options)
 
     def path(self, rel: str = "") -> str:

@@ -93,7 +93,13 @@ def _gen_name(g: int) -> str:
 
 
 class GenerationTakenError(ConcurrentWriteError):
-    """Another writer published the catalog generation this commit was to take."""
+    """Another writer published the catalog generation this commit was to take.
+
+    Example
+    -------
+    >>> issubclass(GenerationTakenError, ConcurrentWriteError)
+    True
+    """
 
 
 class RemoteCatalog(Catalog):
@@ -391,11 +397,25 @@ class RemoteWriteLock:
 
     @property
     def held(self) -> bool:
-        """Whether this lease is still held (not released)."""
+        """Whether this lease is still held (not released).
+
+        Example
+        -------
+        >>> lk = RemoteWriteLock(Location.parse("memory://remote-doc/held")); lk.held
+        True
+        >>> lk.release(); lk.held
+        False
+        """
         return self._held
 
     def check(self) -> None:
-        """Raise if the lease was taken over (this writer stalled past its lease)."""
+        """Raise if the lease was taken over (this writer stalled past its lease).
+
+        Example
+        -------
+        >>> lk = RemoteWriteLock(Location.parse("memory://remote-doc/check")); lk.check()
+        >>> lk.release()
+        """
         holder = self._holder()
         if holder is None or holder.get("token") != self.token:
             raise ConcurrentWriteError(
@@ -404,7 +424,13 @@ class RemoteWriteLock:
             )
 
     def renew(self) -> None:
-        """Extend the lease (after each commit)."""
+        """Extend the lease (after each commit).
+
+        Example
+        -------
+        >>> lk = RemoteWriteLock(Location.parse("memory://remote-doc/renew")); lk.renew()
+        >>> lk.release()
+        """
         with self._guard:
             if self._held:
                 holder = self._holder() or {}
@@ -414,7 +440,13 @@ class RemoteWriteLock:
 
     @classmethod
     def held_elsewhere(cls, loc: Location, token: str | None = None) -> bool:
-        """Whether a live lease other than ``token`` holds the store."""
+        """Whether a live lease other than ``token`` holds the store.
+
+        Example
+        -------
+        >>> RemoteWriteLock.held_elsewhere(Location.parse("memory://remote-doc/none"))
+        False
+        """
         try:
             holder = loc.read_json(LOCK_FILE)
         except (FileNotFoundError, ValueError):
@@ -445,7 +477,13 @@ class RemoteWriteLock:
         return holder if isinstance(holder, dict) else {}
 
     def release(self) -> None:
-        """Give the lease back (idempotent)."""
+        """Give the lease back (idempotent).
+
+        Example
+        -------
+        >>> lk = RemoteWriteLock(Location.parse("memory://remote-doc/rel"))
+        >>> lk.release(); lk.release()
+        """
         with self._guard:
             if self._held:
                 holder = self._holder()
