@@ -45,8 +45,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import ml_dtypes
 import numpy as np
 
-from actstore.analysis.pca import PCAFit, PCAResult, _sign_fix, make_fit, pca_setup, save_pca
 from actstore.analysis.pca import pca as local_pca
+from actstore.analysis.pca_result import PCAFit, PCAResult, make_fit, pca_setup, save_pca, sign_fix
 from actstore.analysis.rows import (
     Params,
     RunInfo,
@@ -383,7 +383,7 @@ def pca(
             evals, V_KD, st = _exact(X, k, center, client)
         else:
             evals, V_KD, st = _randomized(X, k, center, oversample, n_iter, seed, client)
-        V_KD = _sign_fix(V_KD)
+        V_KD = sign_fix(V_KD)
         mean = st.mean
         proj_NK = None
         if project:

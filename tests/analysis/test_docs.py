@@ -8,7 +8,7 @@ import importlib
 import pytest
 
 MODULES = [
-    "contrast", "diff", "groups", "lens", "metrics", "pca", "plots", "results", "reward",
+    "contrast", "diff", "groups", "lens", "metrics", "pca", "pca_result", "plots", "results", "reward",
     "rows", "sae", "splits",
 ]  # fmt: skip
 
