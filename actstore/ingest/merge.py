@@ -50,7 +50,8 @@ import pyarrow.compute as pc
 
 import actstore
 from actstore.errors import InputError
-from actstore.ingest.shards import Shard, split_run_hash, unsharded_store_path
+from actstore.ingest.shard_stores import ShardRun, ShardStore, index_shards, read_shard_store
+from actstore.ingest.shards import Shard
 from actstore.store import arrays as _arrays
 from actstore.store import features as _features
 from actstore.store import objects
@@ -125,130 +126,6 @@ class MergeSummary:
         )
 
 
-@dataclass
-class _ShardRun:
-    """One run of one shard store, with its shard record and committed batches."""
-
-    store: Store
-    shard: Shard
-    run: dict[str, Any]
-    provenance: dict[str, Any]
-    base_hash: str
-    batches: list[dict[str, Any]]
-
-    @property
-    def record(self) -> dict[str, Any]:
-        return dict(self.provenance["shard"])
-
-    @property
-    def where(self) -> str:
-        return f"{self.store.root} (shard {self.shard})"
-
-
-@dataclass
-class _ShardStore:
-    store: Store
-    shard: Shard
-    runs: dict[str, _ShardRun]
-    job_runs: list[str]
-
-
-def _read_shard_store(path: str | os.PathLike[str]) -> _ShardStore:
-    st = actstore.open(path, read_only=True)
-    rows = st.catalog.read("SELECT * FROM runs ORDER BY run_id").to_pylist()
-    if not rows:
-        raise InputError(
-            f"store {st.root} holds no runs: its shard has not started a run yet; run it "
-            "(`actstore ingest JOB --shard i/N`) before merging"
-        )
-    runs: dict[str, _ShardRun] = {}
-    shards: set[Shard] = set()
-    job_runs: list[str] = []
-    for r in rows:
-        prov = json.loads(r["provenance"] or "{}")
-        base, sh = split_run_hash(r["job_hash"] or "")
-        rec = prov.get("shard")
-        if sh is None or not isinstance(rec, dict):
-            raise InputError(
-                f"store {st.root}: run {r['name']!r} was not made by a sharded ingest; merge "
-                "combines the stores that `actstore ingest JOB --shard i/N` writes, one per shard"
-            )
-        if (rec.get("index"), rec.get("count"), rec.get("job_hash")) != (sh.index, sh.count, base):
-            raise InputError(
-                f"store {st.root}: run {r['name']!r} has a shard record that disagrees with its "
-                f"job hash ({rec.get('index')}/{rec.get('count')} vs {sh}); the store was altered: "
-                "re-run this shard into a new store"
-            )
-        shards.add(sh)
-        job_runs = list(rec.get("job_runs") or [])
-        batches = st.catalog.read(
-            "SELECT batch_idx, first_prompt, n_prompts, first_row, n_rows FROM batches "
-            "WHERE run_id = ? ORDER BY batch_idx",
-            [r["run_id"]],
-        ).to_pylist()
-        runs[r["name"]] = _ShardRun(st, sh, r, prov, base, batches)
-    if len(shards) > 1:
-        raise InputError(
-            f"store {st.root} holds runs of several shards ({sorted(map(str, shards))}); "
-            "each shard must be written to its own store"
-        )
-    return _ShardStore(st, shards.pop(), runs, job_runs)
-
-
-def _index_shards(stores: Sequence[_ShardStore]) -> list[_ShardStore]:
-    """Check that the stores are the N shards of one job, once each; return them by index."""
-    counts = {s.shard.count for s in stores}
-    if len(counts) > 1:
-        listing = ", ".join(f"{s.store.root} is {s.shard}" for s in stores)
-        raise InputError(
-            f"the shards were split differently ({listing}); merge the stores of one split "
-            "(all i/N with the same N)"
-        )
-    count = counts.pop()
-    by_index: dict[int, list[_ShardStore]] = {}
-    for s in stores:
-        by_index.setdefault(s.shard.index, []).append(s)
-    dup = {i: v for i, v in by_index.items() if len(v) > 1}
-    if dup:
-        listing = "; ".join(
-            f"shard {i}/{count} is in {' and '.join(str(s.store.root) for s in v)}"
-            for i, v in sorted(dup.items())
-        )
-        raise InputError(f"overlapping shards: {listing}; pass each shard's store once")
-    first = min(stores, key=lambda s: s.shard.index)
-    for s in stores:
-        if s.job_runs != first.job_runs:
-            raise InputError(
-                f"shards of different jobs: {first.store.root} (shard {first.shard}) was made by "
-                f"a job with runs {first.job_runs}, {s.store.root} (shard {s.shard}) by one with "
-                f"runs {s.job_runs}; merge only the shards of one job"
-            )
-    hashes: dict[str, _ShardRun] = {}
-    for s in sorted(stores, key=lambda s: s.shard.index):
-        for name, r in s.runs.items():
-            ref = hashes.setdefault(name, r)
-            if r.base_hash != ref.base_hash:
-                raise InputError(
-                    f"shards of different jobs: run {name!r} has job hash {ref.base_hash} in "
-                    f"{ref.where} but {r.base_hash} in {r.where} (other weights, prompts or "
-                    "settings); merge only the shards of one job"
-                )
-    missing = sorted(set(range(count)) - set(by_index))
-    if missing:
-        base = unsharded_store_path(first.store.root)
-        where = (
-            f" (by default at {', '.join(Shard(i, count).store_path(base) for i in missing)})"
-            if base
-            else ""
-        )
-        raise InputError(
-            f"missing shards: {', '.join(f'{i}/{count}' for i in missing)} of this job{where}; "
-            f"run `actstore ingest JOB --shard i/{count}` for each and pass all {count} shard "
-            "stores to merge"
-        )
-    return [by_index[i][0] for i in range(count)]
-
-
 def _prompt_table(st: Store, ps: dict[str, Any]) -> pa.Table:
     labels = json.loads(ps["label_columns"] or "[]")
     cols = ", ".join(f'"{c}"' for c in ["text", *labels])
@@ -266,7 +143,7 @@ def _one(st: Store, query: str, params: list[Any]) -> dict[str, Any]:
     return dict(rows[0])
 
 
-def _ensure_run(out: Store, parts: Sequence[_ShardRun], all_stores: Sequence[_ShardStore]) -> int:
+def _ensure_run(out: Store, parts: Sequence[ShardRun], all_stores: Sequence[ShardStore]) -> int:
     """Create (or find) the merged run and its catalog objects, in single-ingest order."""
     ref = parts[0]
     st, run = ref.store, ref.run
@@ -371,7 +248,7 @@ def _ensure_run(out: Store, parts: Sequence[_ShardRun], all_stores: Sequence[_Sh
     return rid
 
 
-def _sae_map(out: Store, part: _ShardRun) -> dict[int, int]:
+def _sae_map(out: Store, part: ShardRun) -> dict[int, int]:
     """Shard SAE id -> merged SAE id, by name, for the SAEs of the run."""
     names = list(part.provenance.get("saes") or [])
     if not names:
@@ -384,7 +261,7 @@ def _sae_map(out: Store, part: _ShardRun) -> dict[int, int]:
     return {int(r["sae_id"]): ours[r["name"]] for r in theirs if r["name"] in names}
 
 
-def _check_batches(part: _ShardRun, n_batches: int, batch_size: int, n_prompts: int) -> None:
+def _check_batches(part: ShardRun, n_batches: int, batch_size: int, n_prompts: int) -> None:
     rng = part.shard.batch_range(n_batches)
     rec = part.record
     if rec.get("batches") != [rng.start, rng.stop] or rec.get("n_batches") != n_batches:
@@ -415,7 +292,7 @@ def _split_sorted(keys: np.ndarray, lo: int, hi: int) -> slice:
 
 
 def _copy_block(
-    w: RunWriter, part: _ShardRun, block: Sequence[dict[str, Any]], sae_map: dict[int, int]
+    w: RunWriter, part: ShardRun, block: Sequence[dict[str, Any]], sae_map: dict[int, int]
 ) -> None:
     """Append consecutive committed batches of one shard to the merged run's writer."""
     st, rid = part.store, int(part.run["run_id"])
@@ -500,7 +377,7 @@ def _slice_args(sl: slice) -> tuple[int, int]:
 def _merge_run(
     out: Store,
     name: str,
-    stores: Sequence[_ShardStore],
+    stores: Sequence[ShardStore],
     block_bytes: int,
 ) -> MergedRun:
     count = len(stores)
@@ -612,7 +489,7 @@ def merge(
             raise InputError(
                 f"the output store {out_loc} is also one of the shards; merge into another store"
             )
-    stores = _index_shards([_read_shard_store(s) for s in shards])
+    stores = index_shards([read_shard_store(s) for s in shards])
     names = stores[0].job_runs or sorted({n for s in stores for n in s.runs})
     target = actstore.open(out_loc, create=True)
     summary = MergeSummary(str(target.root), [str(s.store.root) for s in stores])
