@@ -46,13 +46,12 @@ import ml_dtypes
 import numpy as np
 
 from actstore.analysis.pca import pca as local_pca
-from actstore.analysis.pca_result import PCAFit, PCAResult, make_fit, pca_setup, save_pca, sign_fix
+from actstore.analysis.pca_result import PCAFit, PCAResult, pca_setup, sign_fix
 from actstore.analysis.rows import (
     Params,
     RunInfo,
     Selection,
     default_block_rows,
-    require_rows,
     resolve_hooks,
     run_info,
     select,
@@ -340,20 +339,10 @@ def pca(
         )
     if engine != "dask":
         raise SpecError(f"engine must be 'dask' or 'local', not {engine!r}")
-    info, hook_list, groups, widths, name = pca_setup(
+    plan = pca_setup(
         store,
         run=run,
         hooks=hooks,
-        combine=combine,
-        method=method,
-        k=k,
-        name=name,
-        save=save,
-        replace=replace,
-    )
-    call = dict(
-        run=run,
-        hooks=hook_list,
         where=where,
         params=params,
         k=k,
@@ -366,19 +355,15 @@ def pca(
         seed=seed,
         block_rows=block_rows,
         project=project,
+        name=name,
+        save=save,
+        replace=replace,
         engine="dask",
     )
-    sel = select(store, run=info, where=where, params=params, hooks=hook_list)
-    require_rows(sel, "PCA", 2)
     fits: dict[str, PCAFit] = {}
-    for g in groups:
-        X = _view(store, info, g, sel.rows, block_rows, np.float64)
-        d = widths[g]
-        use = (
-            "exact"
-            if method == "exact" or (method == "auto" and d <= exact_max_d)
-            else "randomized"
-        )
+    for g in plan.groups:
+        X = _view(store, plan.info, g, plan.sel.rows, block_rows, np.float64)
+        use = plan.method_for(g)
         if use == "exact":
             evals, V_KD, st = _exact(X, k, center, client)
         else:
@@ -388,37 +373,18 @@ def pca(
         proj_NK = None
         if project:
             (proj_NK,) = _compute(client, ((X - mean) if center else X) @ V_KD.T)
-        fits["+".join(g)] = make_fit(
+        fits["+".join(g)] = plan.fit(
             g,
             use,
-            n=sel.n,
             mean=mean,
             components=V_KD,
             evals=evals,
             total=st.total,
             denom=st.denom,
             projections=None if proj_NK is None else np.asarray(proj_NK),
-            name=name,
-            k=k,
-            save=save,
         )
-    result = PCAResult(
-        name=name, run=sel.run, where=where, fits=fits, meta=sel.meta, center=center, params=call
-    )
-    if not save:
-        return result
     # stored exactly as the in-process PCA stores its result
-    return save_pca(
-        store,
-        result,
-        sel,
-        call=call,
-        where=where,
-        params=params,
-        block_rows=block_rows,
-        replace=replace,
-        engine="dask",
-    )
+    return plan.finish(store, fits, engine="dask")
 
 
 def __getattr__(name: str) -> Any:

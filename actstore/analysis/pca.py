@@ -47,18 +47,19 @@ import numpy as np
 
 from actstore.analysis.pca_result import (
     PCAFit,
+    PCAPlan,
     PCAResult,
     make_fit,
     pca_setup,
     save_pca,
     sign_fix,
 )
-from actstore.analysis.rows import Params, Selection, require_rows, select
+from actstore.analysis.rows import Params, Selection
 
 if TYPE_CHECKING:
     from actstore.store.store import Store
 
-__all__ = ["PCAFit", "PCAResult", "make_fit", "pca", "pca_setup", "save_pca"]
+__all__ = ["PCAFit", "PCAPlan", "PCAResult", "make_fit", "pca", "pca_setup", "save_pca"]
 
 
 class _Moments:
@@ -229,20 +230,10 @@ def pca(
     >>> res = pca(st, run="r", hooks=["blocks.1.hook_resid_post"], where="position_role = 'last'", k=3)  # doctest: +SKIP
     >>> res.summary()  # doctest: +SKIP
     """
-    info, hook_list, groups, widths, name = pca_setup(
+    plan = pca_setup(
         store,
         run=run,
         hooks=hooks,
-        combine=combine,
-        method=method,
-        k=k,
-        name=name,
-        save=save,
-        replace=replace,
-    )
-    call = dict(
-        run=run,
-        hooks=hook_list,
         where=where,
         params=params,
         k=k,
@@ -255,17 +246,15 @@ def pca(
         seed=seed,
         block_rows=block_rows,
         project=project,
+        name=name,
+        save=save,
+        replace=replace,
     )
-    sel = select(store, run=info, where=where, params=params, hooks=hook_list)
-    require_rows(sel, "PCA", 2)
+    sel = plan.sel
     fits: dict[str, PCAFit] = {}
-    for g in groups:
-        d = widths[g]
-        use = (
-            "exact"
-            if method == "exact" or (method == "auto" and d <= exact_max_d)
-            else "randomized"
-        )
+    for g in plan.groups:
+        d = plan.widths[g]
+        use = plan.method_for(g)
         if use == "exact":
             evals, V_KD, mom = _exact(sel, store, g, d, k, center, block_rows)
         else:
@@ -279,33 +268,14 @@ def pca(
             proj_NK = np.empty((sel.n, k))
             for sl, block in sel.blocks(store, g, block_rows=block_rows):
                 proj_NK[sl] = ((block - mean) if center else block) @ V_KD.T
-        fits["+".join(g)] = make_fit(
+        fits["+".join(g)] = plan.fit(
             g,
             use,
-            n=sel.n,
             mean=mean,
             components=V_KD,
             evals=evals,
             total=mom.total(center),
             denom=mom.denom(center),
             projections=proj_NK,
-            name=name,
-            k=k,
-            save=save,
         )
-
-    result = PCAResult(
-        name=name, run=sel.run, where=where, fits=fits, meta=sel.meta, center=center, params=call
-    )
-    if not save:
-        return result
-    return save_pca(
-        store,
-        result,
-        sel,
-        call=call,
-        where=where,
-        params=params,
-        block_rows=block_rows,
-        replace=replace,
-    )
+    return plan.finish(store, fits)

@@ -32,10 +32,13 @@ from actstore.analysis.results import (
     save_direction,
 )
 from actstore.analysis.rows import (
+    Params,
     RunInfo,
     Selection,
+    require_rows,
     resolve_hooks,
     run_info,
+    select,
 )
 from actstore.errors import SpecError
 
@@ -221,27 +224,136 @@ def sign_fix(V_KD: np.ndarray) -> np.ndarray:
     return V_KD * signs[:, None]
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class PCAPlan:
+    """A checked PCA call: its run, hook groups and widths, selected rows and settings.
+
+    Made by :func:`pca_setup`; an engine computes each group's eigenpairs and moments,
+    turns them into fits with :meth:`fit`, and hands them to :meth:`finish`.
+    """
+
+    info: RunInfo
+    hooks: list[str]
+    groups: list[tuple[str, ...]]
+    widths: dict[tuple[str, ...], int]
+    name: str
+    sel: Selection
+    call: dict[str, Any]
+    """The call's parameters as stored with the result."""
+    save: bool
+    replace: bool
+
+    def method_for(self, group: tuple[str, ...]) -> str:
+        """``exact`` or ``randomized`` for a group (``auto``: exact up to ``exact_max_d``).
+
+        Example
+        -------
+        >>> plan.method_for(("blocks.1.hook_resid_post",))  # doctest: +SKIP
+        'exact'
+        """
+        method = self.call["method"]
+        auto_exact = method == "auto" and self.widths[group] <= self.call["exact_max_d"]
+        return "exact" if method == "exact" or auto_exact else "randomized"
+
+    def fit(
+        self,
+        group: tuple[str, ...],
+        method: str,
+        *,
+        mean: np.ndarray,
+        components: np.ndarray,
+        evals: np.ndarray,
+        total: float,
+        denom: float,
+        projections: np.ndarray | None,
+    ) -> PCAFit:
+        """One group's :class:`PCAFit` (see :func:`make_fit`).
+
+        Example
+        -------
+        >>> plan.fit(g, "exact", mean=m, components=V, evals=e, total=t, denom=n - 1,
+        ...          projections=None)  # doctest: +SKIP
+        """
+        return make_fit(
+            group,
+            method,
+            n=self.sel.n,
+            mean=mean,
+            components=components,
+            evals=evals,
+            total=total,
+            denom=denom,
+            projections=projections,
+            name=self.name,
+            k=self.call["k"],
+            save=self.save,
+        )
+
+    def finish(self, store: Store, fits: dict[str, PCAFit], **extra: Any) -> PCAResult:
+        """The :class:`PCAResult` of the fits, stored (with ``extra`` in its provenance) if saving.
+
+        Example
+        -------
+        >>> res = plan.finish(st, fits)  # doctest: +SKIP
+        """
+        call = self.call
+        result = PCAResult(
+            name=self.name,
+            run=self.sel.run,
+            where=call["where"],
+            fits=fits,
+            meta=self.sel.meta,
+            center=call["center"],
+            params=call,
+        )
+        if not self.save:
+            return result
+        return save_pca(
+            store,
+            result,
+            self.sel,
+            call=call,
+            where=call["where"],
+            params=call["params"],
+            block_rows=call["block_rows"],
+            replace=self.replace,
+            **extra,
+        )
+
+
 def pca_setup(
     store: Store,
     *,
     run: str | int,
     hooks: str | Sequence[str],
+    where: str | None,
+    params: Params,
+    k: int,
+    center: bool,
     combine: str,
     method: str,
-    k: int,
+    exact_max_d: int,
+    oversample: int,
+    n_iter: int,
+    seed: int,
+    block_rows: int | None,
+    project: bool,
     name: str | None,
     save: bool,
     replace: bool,
-) -> tuple[RunInfo, list[str], list[tuple[str, ...]], dict[tuple[str, ...], int], str]:
-    """Check a PCA call before any row is read; shared by the in-process and Dask engines.
+    **extra: Any,
+) -> PCAPlan:
+    """Check a PCA call and select its rows; shared by the in-process and Dask engines.
 
-    Returns the run, its hooks, the hook groups (one per fit), each group's width and the
-    analysis name. Raises :class:`SpecError` for bad settings or taken direction names.
+    Raises :class:`SpecError` for bad settings or taken direction names, before any
+    row is read. ``extra`` joins the stored parameters (e.g. ``engine="dask"``).
 
     Example
     -------
-    >>> info, hooks, groups, widths, name = pca_setup(st, run="r", hooks="blocks.1.hook_resid_post",
-    ...     combine="separate", method="auto", k=3, name=None, save=False, replace=False)  # doctest: +SKIP
+    >>> plan = pca_setup(st, run="r", hooks="blocks.1.hook_resid_post", where=None,
+    ...     params=None, k=3, center=True, combine="separate", method="auto",
+    ...     exact_max_d=4096, oversample=10, n_iter=4, seed=0, block_rows=None,
+    ...     project=True, name=None, save=False, replace=False)  # doctest: +SKIP
     """
     if combine not in ("concat", "separate"):
         raise SpecError(f"combine must be 'concat' or 'separate', not {combine!r}")
@@ -265,7 +377,26 @@ def pca_setup(
             label = "+".join(g)
             names += [f"{name}/pc{i}/{label}" for i in range(k)] + [f"{name}/mean/{label}"]
         check_names_free(store, names, replace=replace)
-    return info, hook_list, groups, widths, name
+    call = dict(
+        run=run,
+        hooks=hook_list,
+        where=where,
+        params=params,
+        k=k,
+        center=center,
+        combine=combine,
+        method=method,
+        exact_max_d=exact_max_d,
+        oversample=oversample,
+        n_iter=n_iter,
+        seed=seed,
+        block_rows=block_rows,
+        project=project,
+        **extra,
+    )
+    sel = select(store, run=info, where=where, params=params, hooks=hook_list)
+    require_rows(sel, "PCA", 2)
+    return PCAPlan(info, hook_list, groups, widths, name, sel, call, save, replace)
 
 
 def make_fit(
