@@ -55,6 +55,7 @@ from actstore.analysis.metrics import RandomBaseline, auroc, random_baseline, va
 from actstore.analysis.results import (
     check_names_free,
     jsonable,
+    layer_of,
     provenance,
     save_analysis,
     save_direction,
@@ -269,16 +270,7 @@ class ContrastResult:
         -------
         >>> res.layer("blocks.2.hook_resid_post").auroc  # doctest: +SKIP
         """
-        if hook is None:
-            if len(self.layers) != 1:
-                raise SpecError(f"this contrast has {len(self.layers)} hooks; pass hook=")
-            return self.layers[0]
-        for entry in self.layers:
-            if entry.hook == hook:
-                return entry
-        raise SpecError(
-            f"hook {hook!r} not in this contrast; it has {[e.hook for e in self.layers]}"
-        )
+        return layer_of(self.layers, hook, "this contrast")
 
     def direction(self, method: str = "mean_diff", hook: str | None = None) -> np.ndarray:
         """The fitted (D,) direction of a method at a hook.

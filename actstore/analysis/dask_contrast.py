@@ -28,6 +28,7 @@ from actstore.analysis.groups import labelled_rows
 from actstore.analysis.results import (
     check_names_free,
     jsonable,
+    layer_of,
     provenance,
     save_analysis,
     save_direction,
@@ -119,16 +120,7 @@ class ContrastStatsResult:
         -------
         >>> res.layer("blocks.2.hook_resid_post").variance_ratio  # doctest: +SKIP
         """
-        if hook is None:
-            if len(self.layers) != 1:
-                raise SpecError(f"these statistics cover {len(self.layers)} hooks; pass hook=")
-            return self.layers[0]
-        for e in self.layers:
-            if e.hook == hook:
-                return e
-        raise SpecError(
-            f"hook {hook!r} not in these statistics; they have {[e.hook for e in self.layers]}"
-        )
+        return layer_of(self.layers, hook, "these contrast statistics")
 
     def summary(self) -> pa.Table:
         """One row per hook: counts, the variance ratio and the mean difference's norm.

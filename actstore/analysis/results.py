@@ -20,12 +20,12 @@ import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 import pyarrow as pa
 
-from actstore.errors import InputError, NotFoundError
+from actstore.errors import InputError, NotFoundError, SpecError
 from actstore.store import objects
 
 if TYPE_CHECKING:
@@ -362,3 +362,32 @@ def list_analyses(store: Store, kind: str | None = None) -> pa.Table:
         "ORDER BY analysis_id",
         [kind],
     ).arrow()
+
+
+class _PerHook(Protocol):
+    @property
+    def hook(self) -> str: ...
+
+
+H = TypeVar("H", bound=_PerHook)
+
+
+def layer_of(layers: Sequence[H], hook: str | None, what: str) -> H:
+    """The entry of ``hook`` among a result's per-hook ``layers`` (default: the only one).
+
+    ``what`` names the result in errors (``"this contrast"``).
+
+    Example
+    -------
+    >>> from types import SimpleNamespace as NS
+    >>> layer_of([NS(hook="a"), NS(hook="b")], "b", "this result").hook
+    'b'
+    """
+    if hook is None:
+        if len(layers) != 1:
+            raise SpecError(f"{what} covers {len(layers)} hooks; pass hook=")
+        return layers[0]
+    for entry in layers:
+        if entry.hook == hook:
+            return entry
+    raise SpecError(f"hook {hook!r} not in {what}; it has {[e.hook for e in layers]}")
