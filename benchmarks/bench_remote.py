@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,28 +38,12 @@ import numpy as np
 import actstore
 from actstore.analysis.pca import pca
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_dask import HOOK, build
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]
+from bench_dask import HOOK, build  # noqa: E402
+
+from tests.helpers.s3 import ENV, environment, moto_server  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "remote.json"
-
-
-def start_moto() -> tuple[subprocess.Popen[bytes], str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    for _ in range(300):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return proc, f"http://127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("moto server did not start")
 
 
 def best(fn: Callable[[], Any], repeats: int) -> float:
@@ -100,26 +82,19 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("-o", "--output", type=Path, default=RESULTS)
     args = ap.parse_args()
-    proc, endpoint = start_moto()
-    os.environ.update(
-        AWS_ACCESS_KEY_ID="bench",
-        AWS_SECRET_ACCESS_KEY="bench",
-        AWS_DEFAULT_REGION="us-east-1",
-        AWS_ENDPOINT_URL=endpoint,
-    )
-    import s3fs
-
-    s3fs.S3FileSystem().mkdir("bench")
     rng = np.random.default_rng(0)
     sample = np.sort(rng.choice(args.rows, size=min(args.sample, args.rows), replace=False))
     out: dict[str, dict[str, float]] = {}
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            os.environ["ACTSTORE_CACHE"] = str(Path(tmp) / "cache")
-            for where, url in [("local", f"{tmp}/s"), ("s3", "s3://bench/s")]:
-                out[where] = measure(url, args.rows, args.d, sample, args.repeats)
-    finally:
-        proc.terminate()
+    with (
+        moto_server() as endpoint,
+        tempfile.TemporaryDirectory() as tmp,
+        environment({**ENV, "AWS_ENDPOINT_URL": endpoint, "ACTSTORE_CACHE": f"{tmp}/cache"}),
+    ):
+        import s3fs
+
+        s3fs.S3FileSystem().mkdir("bench")
+        for where, url in [("local", f"{tmp}/s"), ("s3", "s3://bench/s")]:
+            out[where] = measure(url, args.rows, args.d, sample, args.repeats)
     mb = args.rows * args.d * 2 / 1e6
     result = {
         "rows": args.rows,

@@ -276,8 +276,8 @@ class Location:
     def write_bytes(self, rel: str, data: bytes, *, exclusive: bool = False) -> None:
         """Write file ``rel`` whole and atomically (a reader sees the old or new bytes).
 
-        Local files are written under a temporary name and renamed; object stores
-        replace an object in one request. ``exclusive`` fails with
+        Written through :meth:`open_output` (local: temporary name, fsync, rename;
+        object stores: the object appears whole). ``exclusive`` fails with
         ``FileExistsError`` if the file exists (S3: a conditional ``If-None-Match``
         put, atomic between writers).
 
@@ -289,20 +289,17 @@ class Location:
         Traceback (most recent call last):
         FileExistsError: ...
         """
-        if self.is_local:
+        if not exclusive:
+            with self.open_output(rel) as f:
+                f.write(data)
+        elif self.is_local:
             path = Path(self.path(rel))
             path.parent.mkdir(parents=True, exist_ok=True)
-            if exclusive:
-                with open(path, "xb") as f:
-                    f.write(data)
-                return
-            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
-            return
-        fs = self.fs
-        fs.pipe_file(self.path(rel), data, mode="create" if exclusive else "overwrite")
-        fs.invalidate_cache(self.path(rel))
+            with open(path, "xb") as f:
+                f.write(data)
+        else:
+            self.fs.pipe_file(self.path(rel), data, mode="create")
+            self.fs.invalidate_cache(self.path(rel))
 
     @contextmanager
     def open_output(self, rel: str) -> Iterator[IO[bytes]]:

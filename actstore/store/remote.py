@@ -181,12 +181,15 @@ class RemoteCatalog(Catalog):
         """The local copy of generation ``g``, downloaded once (immutable, shared)."""
         path = self.cache / f"v{g:012d}.duckdb"
         if not path.exists():
-            tmp = self.cache / f".v{g:012d}.{uuid.uuid4().hex}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(self.loc.read_bytes(_gen_name(g)))
-            os.replace(tmp, path)
+            self._put_cache(g, self.loc.read_bytes(_gen_name(g)))
             self._prune_cache(g)
         return path
+
+    def _put_cache(self, g: int, data: bytes) -> None:
+        """Place generation ``g``'s bytes in the cache (temporary name, then rename)."""
+        tmp = self.cache / f".v{g:012d}.{uuid.uuid4().hex}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, self.cache / f"v{g:012d}.duckdb")
 
     def _prune_cache(self, newest: int) -> None:
         for p in self.cache.glob("v*.duckdb"):
@@ -240,7 +243,8 @@ class RemoteCatalog(Catalog):
         ...     _ = con.execute("INSERT INTO meta VALUES ('a', 'b')")
         """
         with self._lock:
-            base = self.generation(fresh=True)
+            gens = self.generations()
+            base = gens[-1] if gens else 0
             if self._work_gen != base:
                 self.path.with_name(self.path.name + ".wal").unlink(missing_ok=True)
                 if base:
@@ -268,21 +272,14 @@ class RemoteCatalog(Catalog):
                     "per store (write shard stores in parallel and `actstore merge` them), then retry"
                 ) from None
             self._work_gen = new
-            cached = self.cache / f"v{new:012d}.duckdb"
-            if not cached.exists():
-                tmp = self.cache / f".v{new:012d}.{uuid.uuid4().hex}.tmp"
-                shutil.copyfile(self.path, tmp)
-                os.replace(tmp, cached)
+            self._put_cache(new, data)  # this process's readers need not download it
             self._listed = (time.monotonic(), new)
             if self.lease is not None and self.lease.held:
                 self.lease.renew()
-            self._prune(new)
-
-    def _prune(self, newest: int) -> None:
-        for g in self.generations():
-            if g < newest - KEEP_GENERATIONS:
-                self.loc.remove(_gen_name(g))
-        self._prune_cache(newest)
+            for g in gens:  # the listing made for this commit: no second LIST
+                if g < new - KEEP_GENERATIONS:
+                    self.loc.remove(_gen_name(g))
+            self._prune_cache(new)
 
     def transact(self, body: Callable[[duckdb.DuckDBPyConnection], T], attempts: int = 5) -> T:
         """Run ``body(con)`` in one published transaction, again if another writer won.
@@ -351,6 +348,7 @@ class RemoteWriteLock:
         self.loc = loc
         self.lease = lease
         self.token = uuid.uuid4().hex
+        self.since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self._guard = threading.Lock()
         self._held = False
         body = self._body()
@@ -383,7 +381,7 @@ class RemoteWriteLock:
                 "token": self.token,
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
-                "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+                "since": self.since,
                 "renewed": now,
             }
         ).encode()
@@ -433,10 +431,7 @@ class RemoteWriteLock:
         """
         with self._guard:
             if self._held:
-                holder = self._holder() or {}
-                body = json.loads(self._body())
-                body["since"] = holder.get("since", body["since"])
-                self.loc.write_bytes(LOCK_FILE, json.dumps(body).encode())
+                self.loc.write_bytes(LOCK_FILE, self._body())
 
     @classmethod
     def held_elsewhere(cls, loc: Location, token: str | None = None) -> bool:
