@@ -543,5 +543,9 @@ def demo(out_dir: Path, seed: int, quiet: bool | None) -> None:
     click.echo(report.text)
 
 
+from actstore.cli_report import report  # noqa: E402  (commands in their own module)
+
+main.add_command(report)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

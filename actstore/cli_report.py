@@ -1,0 +1,69 @@
+"""``actstore report STORE -o DIR``: the store as a static, offline HTML site.
+
+Example
+-------
+$ actstore report demo-out/store -o demo-out/report
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from actstore.cli import STORE, user_errors
+
+
+@click.command()
+@click.argument("store", type=STORE)
+@click.option(
+    "-o",
+    "--output",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The site's folder (new, empty, or an earlier report to update).",
+)
+@click.option(
+    "--features",
+    default=None,
+    metavar="SQL",
+    help="A query selecting the features that get pages (a `feature` column, and `sae` with "
+    "several SAEs); default: the top trigger-differential features.",
+)
+@click.option("--n-features", default=8, show_default=True, help="At most this many feature pages.")
+@click.option("--contexts", default=20, show_default=True, help="Top contexts per feature.")
+@click.option(
+    "--prompts", "prompts_per_set", default=6, show_default=True, help="Prompt pages per prompt set."
+)
+@click.option(
+    "--direction",
+    default=None,
+    help="The stored direction shading prompt pages (default: the first mean difference).",
+)
+@user_errors
+def report(
+    store: str,
+    out_dir: Path,
+    features: str | None,
+    n_features: int,
+    contexts: int,
+    prompts_per_set: int,
+    direction: str | None,
+) -> None:
+    """Write the store as a static HTML site: index, analyses, SAE features, prompts.
+
+    The store is opened read-only; a rebuild rewrites only the pages that changed.
+
+    Example: actstore report demo-out/store -o demo-out/report
+    """
+    from actstore.report import ReportOptions, build_report
+
+    opts = ReportOptions(
+        features=features,
+        n_features=n_features,
+        contexts=contexts,
+        prompts_per_set=prompts_per_set,
+        direction=direction,
+    )
+    click.echo(str(build_report(store, out_dir, opts)))
