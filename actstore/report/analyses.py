@@ -170,7 +170,10 @@ def _matrix_section(title: str, M: list[list[Any]], parent: Mapping[str, Any], k
     ny, nx = len(M), len(M[0])
     ykey, ylabels = _labels_for(parent, ny, key, ("layer", "row", "source", "y"))
     xkey, xlabels = _labels_for(
-        {k: v for k, v in parent.items() if k != ykey}, nx, key, ("pos", "token", "col", "x", "head")
+        {k: v for k, v in parent.items() if k != ykey},
+        nx,
+        key,
+        ("pos", "token", "col", "x", "head"),
     )
     svg = figures.heatmap(M, title=title, xlabels=xlabels, ylabels=ylabels)
     columns = [ykey or "row", *[str(x) for x in (xlabels or range(nx))]]
@@ -204,7 +207,9 @@ def generic_sections(result: Mapping[str, Any], title: str = "") -> list[Section
             continue
         if isinstance(v, Mapping):
             if v and all(_scalar(x) for x in v.values()):
-                out.append(section(path, columns=["key", "value"], rows=[[a, b] for a, b in v.items()]))
+                out.append(
+                    section(path, columns=["key", "value"], rows=[[a, b] for a, b in v.items()])
+                )
             else:
                 out.extend(generic_sections(v, f"{path}."))
         elif isinstance(v, list) and v and all(isinstance(x, Mapping) for x in v):
@@ -220,8 +225,14 @@ def generic_sections(result: Mapping[str, Any], title: str = "") -> list[Section
                 )
             elif xkey is None or k not in X_KEYS:
                 idx = list(range(len(v)))
-                svg = figures.lines(idx, {k: v}, title=path, xlabel="index") if len(v) >= 3 else None
-                out.append(section(path, svg=svg, columns=["index", k], rows=list(zip(idx, v, strict=True))))
+                svg = (
+                    figures.lines(idx, {k: v}, title=path, xlabel="index") if len(v) >= 3 else None
+                )
+                out.append(
+                    section(
+                        path, svg=svg, columns=["index", k], rows=list(zip(idx, v, strict=True))
+                    )
+                )
         elif isinstance(v, list) and v and all(_scalar(x) for x in v):
             if any(_number(x) for x in v) and k in X_KEYS:
                 continue  # an axis of another entry

@@ -38,6 +38,8 @@ class FeatureRef:
     """The feature index."""
     why: str
     """How it was selected (shown on the page)."""
+    run: str | None = None
+    """The run whose top contexts the page lists (None: every run with the SAE)."""
 
     @property
     def slug(self) -> str:
@@ -184,39 +186,56 @@ def analysis_record(store: Store, analysis_id: int) -> dict[str, Any]:
 
 
 def default_feature_query(store: Store) -> tuple[str, list[Any]] | None:
-    """The default selection: top trigger-differential features of the first run with an SAE.
+    """The default selection: the top trigger-differential features, in the run that shows most.
 
-    ``trigger_diff`` over every stored token of the first complete run that has
-    features, with group A the first boolean label (``triggered`` if there is one).
+    ``trigger_diff`` over every stored token, group A the first boolean label
+    (``triggered`` if there is one), is run on every complete, unedited run with
+    SAE features; the run (and SAE) whose top feature has the largest t is kept,
+    and its features with a positive difference are selected in rank order.
     None when the store has no SAE features or no boolean label.
 
     Example
     -------
     >>> default_feature_query(st)  # doctest: +SKIP
-    ("SELECT ... FROM trigger_diff(?, ?, ?) ...", ['backdoored/pairs', 'l2_resid', 'triggered'])
+    ("SELECT ... FROM trigger_diff(?, ?, ?) ...", ['l2_resid', 'backdoored/pairs', ...])
     """
-    first = store.sql(
-        """SELECT r.name, s.name FROM feature_files f JOIN runs r USING (run_id)
-           JOIN saes s USING (sae_id) WHERE r.status = 'complete' AND r.edit_id IS NULL
-           ORDER BY r.run_id, s.sae_id LIMIT 1"""
-    ).fetchall()
     labels = boolean_labels(store)
-    if not first or not labels:
+    if not labels:
         return None
-    run, sae = first[0]
+    candidates = store.sql(
+        """SELECT DISTINCT r.run_id, r.name, s.sae_id, s.name FROM feature_files f
+           JOIN runs r USING (run_id) JOIN saes s USING (sae_id)
+           WHERE r.status = 'complete' AND r.edit_id IS NULL ORDER BY r.run_id, s.sae_id"""
+    ).fetchall()
+    best: tuple[float, str, str] | None = None
+    for _, run, _, sae in candidates:
+        try:
+            got = store.sql(
+                "SELECT max(t) FROM trigger_diff(?, ?, ?) WHERE diff > 0", [run, sae, labels[0]]
+            ).fetchall()
+        except ActstoreError:  # e.g. a run whose prompts lack the label
+            continue
+        t = got[0][0] if got else None
+        if t is not None and np.isfinite(t) and (best is None or t > best[0]):
+            best = (float(t), str(run), str(sae))
+    if best is None:
+        return None
+    _, run, sae = best
     query = (
-        "SELECT ? AS sae, feature, diff, cohens_d, freq_a, freq_b, q "
+        "SELECT ? AS sae, ? AS run, feature, diff, cohens_d, freq_a, freq_b, t, q "
         "FROM trigger_diff(?, ?, ?) WHERE diff > 0 ORDER BY rank"
     )
-    return query, [sae, run, sae, labels[0]]
+    return query, [sae, run, run, sae, labels[0]]
 
 
 def select_features(store: Store, query: str | None, *, k: int) -> list[FeatureRef]:
     """Run the feature selection query (default: :func:`default_feature_query`) and keep ``k``.
 
-    The query returns a ``feature`` column and, when the store has several SAEs, an
-    ``sae`` column (the SAE's name); its rows are kept in order. Bad queries and
-    unknown SAEs or features are errors, raised before anything is written.
+    The query returns a ``feature`` column; an ``sae`` column (the SAE's name) when
+    the store has several SAEs; optionally a ``run`` column, the run whose top
+    contexts the page shows (default: every run). Rows are kept in order. Bad
+    queries and unknown SAEs, runs or features are errors, raised before anything
+    is written.
 
     Example
     -------
@@ -227,6 +246,7 @@ def select_features(store: Store, query: str | None, *, k: int) -> list[FeatureR
         str(r["name"]): (int(r["sae_id"]), int(r["d_sae"]))
         for r in _records(store, "SELECT sae_id, name, d_sae FROM saes")
     }
+    runs = {str(r[0]) for r in store.sql("SELECT name FROM runs").fetchall()}
     params: list[Any] | None = None
     why = "the query you gave"
     if query is None:
@@ -235,8 +255,8 @@ def select_features(store: Store, query: str | None, *, k: int) -> list[FeatureR
             return []
         query, params = default
         why = (
-            f"top trigger-differential feature of {params[1]} ({params[3]} vs not, "
-            "every stored token; trigger_diff)"
+            f"top trigger-differential features ({params[4]} vs not, every stored token, "
+            f"trigger_diff ranked by t), in {params[1]}: the run where the top feature's t is largest"
         )
     try:
         table = store.sql(query, params).arrow()
@@ -261,14 +281,19 @@ def select_features(store: Store, query: str | None, *, k: int) -> list[FeatureR
         name = str(name)
         if name not in saes:
             raise InputError(f"SAE {name!r} not in the store; SAEs: {sorted(saes)}")
+        run = row.get("run")
+        if run is not None and str(run) not in runs:
+            raise InputError(
+                f"run {run!r} (from the feature query) not in the store; runs: {sorted(runs)}"
+            )
         sae_id, d_sae = saes[name]
+        if row["feature"] is None or not 0 <= int(row["feature"]) < d_sae:
+            raise InputError(f"feature {row['feature']} is outside SAE {name!r} (0-{d_sae - 1})")
         f = int(row["feature"])
-        if not 0 <= f < d_sae:
-            raise InputError(f"feature {f} is outside SAE {name!r} (0-{d_sae - 1})")
         if (name, f) in seen:
             continue
         seen.add((name, f))
-        out.append(FeatureRef(name, sae_id, f, why))
+        out.append(FeatureRef(name, sae_id, f, why, None if run is None else str(run)))
         if len(out) >= k:
             break
     return out
@@ -319,24 +344,29 @@ def feature_data(store: Store, ref: FeatureRef, *, contexts: int, width: int) ->
                 "n_true": n,
                 "n_false": nn,
             }
+    in_run = "" if ref.run is None else "AND run_id = (SELECT run_id FROM runs WHERE name = $run)"
+    ctx_params: dict[str, Any] = {"sid": ref.sae_id, "f": ref.feature, "k": contexts}
+    if ref.run is not None:
+        ctx_params["run"] = ref.run
     top = _records(
         store,
-        """WITH top AS (
-                SELECT run_id, "row", value FROM features WHERE sae_id = $sid AND feature = $f
+        f"""WITH top AS (
+                SELECT run_id, "row", value FROM features
+                WHERE sae_id = $sid AND feature = $f {in_run}
                 ORDER BY value DESC, run_id, "row" LIMIT $k)
             SELECT top.run_id, r.name AS run, top."row", top.value, t.prompt_idx, t.position,
                    r.prompt_set_id, ps.name AS prompt_set
             FROM top JOIN tokens t ON t.run_id = top.run_id AND t."row" = top."row"
             JOIN runs r ON r.run_id = top.run_id JOIN prompt_sets ps USING (prompt_set_id)
             ORDER BY top.value DESC, top.run_id, top."row" """,
-        {"sid": ref.sae_id, "f": ref.feature, "k": contexts},
+        ctx_params,
     )
     windows = _records(
         store,
-        """WITH top AS (
+        f"""WITH top AS (
                 SELECT f.run_id, t.prompt_idx, t.position AS top_pos
                 FROM (SELECT run_id, "row" FROM features WHERE sae_id = $sid AND feature = $f
-                      ORDER BY value DESC, run_id, "row" LIMIT $k) f
+                      {in_run} ORDER BY value DESC, run_id, "row" LIMIT $k) f
                 JOIN tokens t ON t.run_id = f.run_id AND t."row" = f."row"),
             fv AS (SELECT run_id, "row", value FROM features WHERE sae_id = $sid AND feature = $f)
             SELECT top.run_id, top.prompt_idx, top.top_pos, t.position, t.token_text AS token,
@@ -345,7 +375,7 @@ def feature_data(store: Store, ref: FeatureRef, *, contexts: int, width: int) ->
                  AND t.position BETWEEN top.top_pos - $w AND top.top_pos + $w
             LEFT JOIN fv ON fv.run_id = t.run_id AND fv."row" = t."row"
             ORDER BY t.position""",
-        {"sid": ref.sae_id, "f": ref.feature, "k": contexts, "w": width},
+        {**ctx_params, "w": width},
     )
     by_ctx: dict[tuple[int, int, int], list[dict[str, Any]]] = {}
     for w in windows:
@@ -357,11 +387,12 @@ def feature_data(store: Store, ref: FeatureRef, *, contexts: int, width: int) ->
         c["tokens"] = by_ctx.get((c["run_id"], c["prompt_idx"], c["position"]), [])
         c["labels"] = labels_of.get((c["prompt_set_id"], c["prompt_idx"]), {})
     values = store.sql(
-        """SELECT f.value, p.* FROM features f JOIN tokens t USING (run_id, "row")
+        f"""SELECT f.value, p.* FROM features f JOIN tokens t USING (run_id, "row")
            JOIN runs r USING (run_id)
            JOIN prompts p ON p.prompt_set_id = r.prompt_set_id AND p.prompt_idx = t.prompt_idx
-           WHERE f.sae_id = ? AND f.feature = ? ORDER BY f.value, f.run_id, f."row" """,
-        [ref.sae_id, ref.feature],
+           WHERE f.sae_id = $sid AND f.feature = $f {in_run.replace("run_id", "f.run_id", 1)}
+           ORDER BY f.value, f.run_id, f."row" """,
+        {k: v for k, v in ctx_params.items() if k != "k"},
     ).arrow()
     hist: dict[str, list[float]] = {"all": np.asarray(values.column("value")).tolist()}
     if labels and labels[0] in values.column_names:
@@ -376,6 +407,7 @@ def feature_data(store: Store, ref: FeatureRef, *, contexts: int, width: int) ->
         "sae_source": sae.get("source"),
         "feature": ref.feature,
         "why": ref.why,
+        "run": ref.run,
         "labels": labels,
         "by_run": by_run,
         "contexts": top,
@@ -524,13 +556,6 @@ def prompts_data(
         ).fetchall()
     ]
     params: dict[str, Any] = {"rids": rids, "idxs": idxs}
-    proj = "NULL::DOUBLE"
-    if with_hook:
-        proj = (
-            'CASE WHEN list_contains($hook_runs, t.run_id) AND t."row" IS NOT NULL '
-            'THEN project(r.name, $hook, t."row", $dir) END'
-        )
-        params.update(hook_runs=with_hook, hook=hook, dir=direction)
     feat, feat_join = "NULL::FLOAT", ""
     if feature is not None:
         feat = (
@@ -539,7 +564,7 @@ def prompts_data(
         )
         feat_join = (
             'LEFT JOIN (SELECT run_id, "row", value FROM features WHERE sae_id = $sid '
-            'AND feature = $f AND list_contains($rids, run_id)) f '
+            "AND feature = $f AND list_contains($rids, run_id)) f "
             'ON f.run_id = t.run_id AND f."row" = t."row"'
         )
         feat_runs = [
@@ -552,12 +577,14 @@ def prompts_data(
     tokens = _records(
         store,
         f"""SELECT t.run_id, t.prompt_idx, t.position, t.token_text AS token, t.position_role,
-                   t.is_completion, t."row", {proj} AS proj, {feat} AS feat
+                   t.is_completion, t."row", NULL::DOUBLE AS proj, {feat} AS feat
             FROM tokens t JOIN runs r ON r.run_id = t.run_id {feat_join}
             WHERE list_contains($rids, t.run_id) AND list_contains($idxs, t.prompt_idx)
             ORDER BY t.run_id, t.prompt_idx, t.position""",
         params,
     )
+    if with_hook and direction is not None and hook is not None:
+        _project(store, tokens, runs, set(with_hook), hook, direction)
     gens = _records(
         store,
         "SELECT run_id, prompt_idx, sample_idx, text, n_tokens FROM generations "
@@ -587,7 +614,9 @@ def prompts_data(
             "labels": labels.get((prompt_set_id, i), {}),
             "direction": direction if with_hook else None,
             "direction_hook": hook,
-            "feature": None if feature is None else {"sae": feature.sae, "feature": feature.feature},
+            "feature": None
+            if feature is None
+            else {"sae": feature.sae, "feature": feature.feature},
             "runs": [
                 {
                     "run_id": r["run_id"],
@@ -601,6 +630,38 @@ def prompts_data(
             ],
         }
     return out
+
+
+def _project(
+    store: Store,
+    tokens: list[dict[str, Any]],
+    runs: list[dict[str, Any]],
+    with_hook: set[int],
+    hook: str,
+    direction: str,
+) -> None:
+    """Set each token's ``proj``: its activation at ``hook`` dotted with the unit direction.
+
+    Row by row in float64 (not a BLAS product, whose rounding depends on how many rows
+    it is given), so a token's value does not depend on which other prompts are shown.
+    """
+    from actstore.analysis.results import load_direction
+
+    unit = load_direction(store, direction).unit
+    names = {r["run_id"]: r["name"] for r in runs}
+    for rid in sorted(with_hook):
+        mine = [t for t in tokens if t["run_id"] == rid and t["row"] is not None]
+        if not mine:
+            continue
+        X_ND = store.acts(names[rid], hook, rows=[t["row"] for t in mine]).numpy(np.float64)
+        if X_ND.shape[1] != unit.size:
+            raise InputError(
+                f"direction {direction!r} has {unit.size} dimensions but hook {hook!r} of run "
+                f"{names[rid]!r} has {X_ND.shape[1]}; choose a direction of that hook"
+            )
+        proj_N = (X_ND * unit).sum(axis=1)
+        for t, v in zip(mine, proj_N.tolist(), strict=True):
+            t["proj"] = v
 
 
 def default_direction(store: Store) -> str | None:

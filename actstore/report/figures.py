@@ -95,7 +95,7 @@ def grouped_bars(
     True
     """
     n = max(1, len(series))
-    fig = _figure((max(4.5, 0.55 * len(categories) * n + 1.5), 4.2), bottom=0.38)
+    fig = _figure((min(7.5, max(4.5, 0.3 * len(categories) * n + 1.5)), 4.2), bottom=0.38)
     ax = fig.add_subplot(1, 1, 1)
     xs = np.arange(len(categories))
     width = 0.8 / n
@@ -179,7 +179,9 @@ def scatter(
         lab = np.array([str(v) for v in labels])
         for i, value in enumerate(sorted(set(lab.tolist()))):
             m = lab == value
-            ax.scatter(X[m], Y[m], s=9, alpha=0.7, color=_COLORS[i % 6], label=f"{label_name}={value}")
+            ax.scatter(
+                X[m], Y[m], s=9, alpha=0.7, color=_COLORS[i % 6], label=f"{label_name}={value}"
+            )
         ax.legend(fontsize=8)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

@@ -134,7 +134,7 @@ def shade(value: float | None, scale: float | None) -> str:
 
 
 def _digest(obj: Any) -> str:
-    text = json.dumps([LAYOUT_VERSION, obj], sort_keys=True, default=str)
+    text = json.dumps([LAYOUT_VERSION, actstore.__version__, obj], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
@@ -157,7 +157,9 @@ def _check_out_dir(out: Path) -> dict[str, Any]:
         try:
             old = json.loads(manifest.read_text())
         except ValueError:
-            raise InputError(f"{manifest} is damaged; delete the report folder and build again") from None
+            raise InputError(
+                f"{manifest} is damaged; delete the report folder and build again"
+            ) from None
         if not isinstance(old, dict) or not isinstance(old.get("pages"), dict):
             raise InputError(f"{manifest} is not a report manifest; delete it and build again")
         return old
@@ -175,12 +177,16 @@ class _Site:
         self.env = _env()
         seq = store.sql("SELECT value FROM meta WHERE key = 'commit_seq'").fetchall()
         self.commit_seq = seq[0][0] if seq else "?"
-        self.common = {"store": str(store.root), "version": actstore.__version__}
+        self.common = {"version": actstore.__version__}
         self.summary = ReportSummary(out)
 
     def unchanged(self, page: str, key: str) -> bool:
         prev = self.old.get(page)
-        if prev and prev.get("key") == key and all((self.out / f).exists() for f in [page, *prev["files"]]):
+        if (
+            prev
+            and prev.get("key") == key
+            and all((self.out / f).exists() for f in [page, *prev["files"]])
+        ):
             self.pages[page] = prev
             self.summary.unchanged.append(page)
             return True
@@ -206,10 +212,12 @@ class _Site:
         css = (_TEMPLATES / "style.css").read_text()
         if not (self.out / "style.css").exists() or (self.out / "style.css").read_text() != css:
             _write(self.out / "style.css", css)
-        _write(
-            self.out / MANIFEST,
-            json.dumps({"layout": LAYOUT_VERSION, "pages": self.pages}, indent=1, sort_keys=True),
+        manifest = json.dumps(
+            {"layout": LAYOUT_VERSION, "pages": self.pages}, indent=1, sort_keys=True
         )
+        path = self.out / MANIFEST
+        if not path.exists() or path.read_text() != manifest:
+            _write(path, manifest)
 
 
 def analysis_page(aid: int) -> str:
@@ -289,12 +297,16 @@ def build_report(
     out.mkdir(parents=True, exist_ok=True)
     site = _Site(st, out, old)
 
-    analysis_hrefs = {int(a["analysis_id"]): analysis_page(int(a["analysis_id"])) for a in index["analyses"]}
+    analysis_hrefs = {
+        int(a["analysis_id"]): analysis_page(int(a["analysis_id"])) for a in index["analyses"]
+    }
     for a in index["analyses"]:
         _analysis(site, int(a["analysis_id"]))
 
     # feature pages collect their contexts first: their prompts get pages too
-    fdata = {ref: D.feature_data(st, ref, contexts=opts.contexts, width=opts.width) for ref in feats}
+    fdata = {
+        ref: D.feature_data(st, ref, contexts=opts.contexts, width=opts.width) for ref in feats
+    }
     prompts: dict[tuple[int, int], str] = {}
     names = {int(s["prompt_set_id"]): str(s["name"]) for s in index["prompt_sets"]}
     for s in index["prompt_sets"]:
@@ -311,7 +323,9 @@ def build_report(
     for sid, idx in prompts:
         by_set.setdefault(sid, []).append(idx)
     for sid, idxs in sorted(by_set.items()):
-        got = D.prompts_data(st, sid, idxs, direction=direction, feature=feats[0] if feats else None)
+        got = D.prompts_data(
+            st, sid, idxs, direction=direction, feature=feats[0] if feats else None
+        )
         for idx, pd in got.items():
             _prompt(site, pd, prompts[(sid, idx)], feats[0] if feats else None)
     _index(site, index, feats, fdata, prompts, analysis_hrefs)
@@ -334,7 +348,9 @@ def _analysis(site: _Site, aid: int) -> None:
         if svg:
             s["figure"] = f"fig-analysis-{aid}-{i}.svg"
             svgs[s["figure"]] = svg
-    params = [[k, json.dumps(v) if not A._scalar(v) else v] for k, v in sorted(rec["params"].items())]
+    params = [
+        [k, json.dumps(v) if not A._scalar(v) else v] for k, v in sorted(rec["params"].items())
+    ]
     context = {
         "title": f"{rec['name']} ({rec['kind']})",
         "nav": [("analyses", "index.html#analyses")],
@@ -362,8 +378,9 @@ def _lens(
     got = site.store.sql(
         """SELECT c.path FROM feature_files f JOIN runs r USING (run_id)
            JOIN checkpoints c USING (checkpoint_id)
-           WHERE f.sae_id = ? AND r.edit_id IS NULL ORDER BY r.run_id LIMIT 1""",
-        [ref.sae_id],
+           WHERE f.sae_id = ? AND r.edit_id IS NULL
+           ORDER BY r.name IS DISTINCT FROM ?, r.run_id LIMIT 1""",
+        [ref.sae_id, ref.run],
     ).fetchall()
     hook = site.store.sql("SELECT hook FROM saes WHERE sae_id = ?", [ref.sae_id]).fetchall()[0][0]
     if not got or not got[0][0] or not Path(got[0][0]).exists():
@@ -382,7 +399,10 @@ def _lens(
     top = np.argsort(-logits, kind="stable")[:10]
     bottom = np.argsort(logits, kind="stable")[:10]
     tok = (lambda i: vocab[i]) if vocab else (lambda i: f"id {i}")
-    rows = [[i, tok(int(t)), float(logits[t]), tok(int(b)), float(logits[b])] for i, (t, b) in enumerate(zip(top, bottom, strict=True))]
+    rows = [
+        [i, tok(int(t)), float(logits[t]), tok(int(b)), float(logits[b])]
+        for i, (t, b) in enumerate(zip(top, bottom, strict=True))
+    ]
     return {"model": path, "rows": rows}, None
 
 
@@ -426,7 +446,7 @@ def _features(site: _Site, feats: list[D.FeatureRef], fdata: dict[D.FeatureRef, 
         hist_name, freq_name = f"fig-{ref.slug}-hist.svg", f"fig-{ref.slug}-freq.svg"
         title = f"{ref.sae} feature {ref.feature}"
         svgs = {
-            hist_name: figures.histogram(d["hist"], title=title),
+            hist_name: figures.histogram(d["hist"], title=f"{title}, {ref.run or 'every run'}"),
             freq_name: figures.grouped_bars(runs, series, title=title, ylabel="firing frequency"),
         }
         freq_columns = ["run", "tokens", "fired", "freq", "mean", "max"]
@@ -465,7 +485,9 @@ def _prompt(site: _Site, d: dict[str, Any], page: str, feat: D.FeatureRef | None
     projs = [abs(t["proj"]) for r in d["runs"] for t in r["tokens"] if t["proj"] is not None]
     featv = [abs(t["feat"]) for r in d["runs"] for t in r["tokens"] if t["feat"] is not None]
     for r in d["runs"]:
-        r["score_rows"] = [[s["sample_idx"], s["scorer"], s["value"], s["flag"]] for s in r["scores"]]
+        r["score_rows"] = [
+            [s["sample_idx"], s["scorer"], s["value"], s["flag"]] for s in r["scores"]
+        ]
     context = {
         "title": f"{d['prompt_set']} #{idx}",
         "nav": [("prompt sets", f"index.html#prompt-set-{sid}")],
@@ -490,13 +512,20 @@ def _index(
         a["href"] = analysis_hrefs[int(a["analysis_id"])]
     texts = {
         (int(s), int(i)): str(t)
-        for s, i, t in site.store.sql("SELECT prompt_set_id, prompt_idx, text FROM prompts").fetchall()
+        for s, i, t in site.store.sql(
+            "SELECT prompt_set_id, prompt_idx, text FROM prompts"
+        ).fetchall()
     }
     prompt_links: dict[int, list[dict[str, Any]]] = {}
     for (sid, idx), page in sorted(prompts.items()):
         text = texts.get((sid, idx), "")
         prompt_links.setdefault(sid, []).append(
-            {"prompt_idx": idx, "href": page, "text": text, "short": text[:48] + ("..." if len(text) > 48 else "")}
+            {
+                "prompt_idx": idx,
+                "href": page,
+                "text": text,
+                "short": text[:48] + ("..." if len(text) > 48 else ""),
+            }
         )
     labels = D.boolean_labels(site.store)
     feature_columns = ["feature", "runs", "max", "freq (all runs)"]
@@ -514,10 +543,18 @@ def _index(
         if labels:
             nt = sum(r["by_label"][labels[0]]["n_true"] for r in br)
             nf = sum(r["by_label"][labels[0]]["n_false"] for r in br)
-            ft = sum((r["by_label"][labels[0]]["true"] or 0) * r["by_label"][labels[0]]["n_true"] for r in br)
-            ff = sum((r["by_label"][labels[0]]["false"] or 0) * r["by_label"][labels[0]]["n_false"] for r in br)
+            ft = sum(
+                (r["by_label"][labels[0]]["true"] or 0) * r["by_label"][labels[0]]["n_true"]
+                for r in br
+            )
+            ff = sum(
+                (r["by_label"][labels[0]]["false"] or 0) * r["by_label"][labels[0]]["n_false"]
+                for r in br
+            )
             extra += [ft / nt if nt else None, ff / nf if nf else None]
-        rows.append({"sae": ref.sae, "feature": ref.feature, "href": feature_page(ref), "extra": extra})
+        rows.append(
+            {"sae": ref.sae, "feature": ref.feature, "href": feature_page(ref), "extra": extra}
+        )
     behaviour_columns = list(d["behaviour"][0]) if d["behaviour"] else []
     context = {
         "title": "actstore report",
@@ -525,14 +562,20 @@ def _index(
         "d": d,
         "features": rows,
         "feature_columns": feature_columns,
-        "features_why": feats[0].why if feats else "the store has no SAE features with a boolean label, or the query selected none",
+        "features_why": feats[0].why
+        if feats
+        else "the store has no SAE features with a boolean label, or the query selected none",
         "prompt_links": prompt_links,
         "n_prompt_pages": len(prompts),
         "behaviour_columns": behaviour_columns,
         "behaviour_rows": [[r[c] for c in behaviour_columns] for r in d["behaviour"]],
-        "sae_rows": [[s[c] for c in ("sae_id", "name", "hook", "layer", "d_in", "d_sae", "architecture")] for s in d["saes"]],
+        "sae_rows": [
+            [s[c] for c in ("sae_id", "name", "hook", "layer", "d_in", "d_sae", "architecture")]
+            for s in d["saes"]
+        ],
         "analysis_hrefs": analysis_hrefs,
     }
-    key = _digest(context)
+    key = _digest([context, str(site.store.root)])
     if not site.unchanged("index.html", key):
-        site.page("index.html", key, "index.html", {**context, "commit_seq": site.commit_seq}, {})
+        extra = {"commit_seq": site.commit_seq, "store": str(site.store.root)}
+        site.page("index.html", key, "index.html", {**context, **extra}, {})
