@@ -543,9 +543,10 @@ def demo(out_dir: Path, seed: int, quiet: bool | None) -> None:
     click.echo(report.text)
 
 
-from actstore.cli_report import report  # noqa: E402  (commands in their own module)
+from actstore.cli_report import report, serve  # noqa: E402  (commands in their own module)
 
 main.add_command(report)
+main.add_command(serve)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -73,3 +73,40 @@ def report(
         click.echo(str(build_report(store, out_dir, opts)))
     except ActstoreError as e:
         raise click.ClickException(str(e)) from None
+
+
+@click.command()
+@click.argument("store", type=click.STRING)
+@click.option("--port", default=8765, show_default=True, help="The port (0: any free one).")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="The address to listen on (default: this machine only).",
+)
+@click.option("--features", default=None, metavar="SQL", help="As for `actstore report`.")
+@click.option("--n-features", default=8, show_default=True, help="At most this many feature pages.")
+def serve(store: str, port: int, host: str, features: str | None, n_features: int) -> None:
+    """Serve the report pages of a live store over HTTP, read-only, on localhost by default.
+
+    Pages are brought up to date with the store when it has new commits.
+
+    Example: actstore serve demo-out/store --port 8765
+    """
+    from actstore.report import ReportOptions
+    from actstore.report.serve import make_server
+
+    try:
+        opts = ReportOptions(features=features, n_features=n_features)
+        server = make_server(store, host=host, port=port, options=opts)
+    except ActstoreError as e:
+        raise click.ClickException(str(e)) from None
+    h, p = server.server_address[:2]
+    where = h.decode() if isinstance(h, bytes) else str(h)
+    click.echo(f"serving the report of {store} at http://{where}:{p}/ (read-only; Ctrl-C stops)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

@@ -59,7 +59,8 @@ def safe_name(text: str) -> str:
 
 
 def _records(store: Store, query: str, params: Any = None) -> list[dict[str, Any]]:
-    return jsonable(store.sql(query, params).arrow().to_pylist())  # type: ignore[no-any-return]
+    out: list[dict[str, Any]] = jsonable(store.sql(query, params).arrow().to_pylist())
+    return out
 
 
 def label_columns(store: Store, prompt_set_id: int | None = None) -> list[str]:
@@ -383,9 +384,9 @@ def feature_data(store: Store, ref: FeatureRef, *, contexts: int, width: int) ->
         by_ctx.setdefault(key, []).append(w)
     wanted = {(c["prompt_set_id"], c["prompt_idx"]) for c in top}
     labels_of = prompts_labels(store, wanted)
-    for c in top:
-        c["tokens"] = by_ctx.get((c["run_id"], c["prompt_idx"], c["position"]), [])
-        c["labels"] = labels_of.get((c["prompt_set_id"], c["prompt_idx"]), {})
+    for ctx in top:
+        ctx["tokens"] = by_ctx.get((ctx["run_id"], ctx["prompt_idx"], ctx["position"]), [])
+        ctx["labels"] = labels_of.get((ctx["prompt_set_id"], ctx["prompt_idx"]), {})
     values = store.sql(
         f"""SELECT f.value, p.* FROM features f JOIN tokens t USING (run_id, "row")
            JOIN runs r USING (run_id)

@@ -308,15 +308,15 @@ def build_report(
         ref: D.feature_data(st, ref, contexts=opts.contexts, width=opts.width) for ref in feats
     }
     prompts: dict[tuple[int, int], str] = {}
-    names = {int(s["prompt_set_id"]): str(s["name"]) for s in index["prompt_sets"]}
+    set_names = {int(s["prompt_set_id"]): str(s["name"]) for s in index["prompt_sets"]}
     for s in index["prompt_sets"]:
         sid = int(s["prompt_set_id"])
         for i in range(min(opts.prompts_per_set, int(s["n_prompts"] or 0))):
-            prompts[(sid, i)] = prompt_page(names[sid], i)
+            prompts[(sid, i)] = prompt_page(set_names[sid], i)
     for fd in fdata.values():
         for c in fd["contexts"]:
             key = (int(c["prompt_set_id"]), int(c["prompt_idx"]))
-            prompts.setdefault(key, prompt_page(names[key[0]], key[1]))
+            prompts.setdefault(key, prompt_page(set_names[key[0]], key[1]))
             c["href"] = prompts[key]
     _features(site, feats, fdata)
     by_set: dict[int, list[int]] = {}
@@ -390,7 +390,8 @@ def _lens(
     path = str(got[0][0])
     if path not in cache:
         model, _ = _load_model(path)
-        cache[path] = (model, _vocab(_load_tokenizer(None, path), model.config.vocab_size))
+        config: Any = model.config
+        cache[path] = (model, _vocab(_load_tokenizer(None, path), int(config.vocab_size)))
     model, vocab = cache[path]
     try:
         logits = direction_logits(model, decoder[ref.feature][None, :])[0]
@@ -577,5 +578,5 @@ def _index(
     }
     key = _digest([context, str(site.store.root)])
     if not site.unchanged("index.html", key):
-        extra = {"commit_seq": site.commit_seq, "store": str(site.store.root)}
-        site.page("index.html", key, "index.html", {**context, **extra}, {})
+        where = {"commit_seq": site.commit_seq, "store": str(site.store.root)}
+        site.page("index.html", key, "index.html", {**context, **where}, {})

@@ -76,13 +76,13 @@ def test_top_feature_page_matches_the_raw_feature_files(demo_report):
     vals = np.concatenate(
         [t.filter(pc.equal(t["feature"], feature))["value"].to_numpy() for t in parts]
     )
-    contexts = _cells(page, "contexts-table")
+    contexts = [r for r in _cells(page, "contexts-table") if r]
     shown = [float(r[1]) for r in contexts]
     assert len(shown) == 20
     np.testing.assert_allclose(shown, np.sort(vals)[::-1][:20], rtol=1e-3)
     # the top contexts are triggered prompts, and say so
     assert all("triggered=True" in r[4] for r in contexts[:5])
-    freq = {r[0]: r for r in _cells(page.split('id="frequency"', 1)[1])}
+    freq = {r[0]: r for r in _cells(page.split('id="frequency"', 1)[1]) if r}
     assert int(freq[run][2]) == vals.size  # tokens where it fires
     assert (site / f"fig-l2_resid-{feature}-hist.svg").read_text().lstrip().startswith("<?xml")
 
@@ -189,3 +189,38 @@ def test_cli_report(html_store, tmp_path):
     assert bad.exit_code == 1
     assert bad.output.startswith("Error: direction 'nope' not in the store")
     assert len(bad.output.strip().splitlines()) == 1
+
+
+def test_serve_follows_the_live_store_read_only(html_store, tmp_path):
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from actstore.report.serve import make_server
+
+    store = tmp_path / "store"
+    shutil.copytree(html_store, store)
+    server = make_server(store, port=0, options=ReportOptions(prompts_per_set=1))
+    host, port = server.server_address[:2]
+    assert host == "127.0.0.1"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://{host}:{port}"
+    try:
+        page = urllib.request.urlopen(f"{base}/").read().decode()
+        assert "actstore report" in page and "sweep2" not in page
+        st = actstore.open(store)
+        aid = objects.add_analysis(st, name="sweep2", kind="sweep", params={}, result={"x": [1]})
+        st.close()
+        page = urllib.request.urlopen(f"{base}/index.html").read().decode()
+        assert f'href="analysis-{aid}.html">sweep2' in page
+        assert urllib.request.urlopen(f"{base}/analysis-{aid}.html").status == 200
+        for bad in (
+            urllib.request.Request(f"{base}/index.html", data=b"x", method="POST"),
+            urllib.request.Request(f"{base}/../../etc/passwd"),
+        ):
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(bad)
+            assert e.value.code in (404, 501)
+    finally:
+        server.shutdown()
+        server.server_close()
