@@ -48,10 +48,12 @@ from actstore.report import data as D
 from actstore.report import figures
 from actstore.store.store import Store
 
-#: Bumped when templates or page layouts change, so every page is rebuilt.
-LAYOUT_VERSION = "1"
 MANIFEST = "manifest.json"
 _TEMPLATES = Path(__file__).parent / "templates"
+#: A hash of the templates: part of every page's key, so a changed layout rebuilds every page.
+LAYOUT_VERSION = hashlib.sha256(
+    b"".join(p.name.encode() + p.read_bytes() for p in sorted(_TEMPLATES.iterdir()))
+).hexdigest()[:12]
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,38 +365,44 @@ def _analysis(site: _Site, aid: int) -> None:
     site.page(page, key, "analysis.html", context, svgs)
 
 
-def _lens(
-    site: _Site,
-    cache: dict[str, Any],
-    ref: D.FeatureRef,
-    decoder: np.ndarray | None,
-    why_not: str | None,
-) -> Any:
-    """Logit-lens rows of the decoder row, or a note saying why there are none."""
-    from actstore.analysis.lens import _load_model, _load_tokenizer, _vocab, direction_logits
+def _lens_source(
+    site: _Site, ref: D.FeatureRef, decoder: np.ndarray | None, why_not: str | None
+) -> tuple[str | None, str | None, Any]:
+    """(checkpoint path, None) for the logit lens of a feature, or (None, why not); and a key.
 
+    The key (SAE and checkpoint weights hashes, the feature) stands for the lens
+    rows, so an unchanged page is recognised without loading the model.
+    """
     if decoder is None:
-        return None, f"no decoder: {why_not}"
+        return None, f"no decoder: {why_not}", None
     got = site.store.sql(
-        """SELECT c.path FROM feature_files f JOIN runs r USING (run_id)
-           JOIN checkpoints c USING (checkpoint_id)
+        """SELECT c.path, c.weights_hash, s.hook, s.weights_hash FROM feature_files f
+           JOIN runs r USING (run_id) JOIN checkpoints c USING (checkpoint_id)
+           JOIN saes s ON s.sae_id = f.sae_id
            WHERE f.sae_id = ? AND r.edit_id IS NULL
            ORDER BY r.name IS DISTINCT FROM ?, r.run_id LIMIT 1""",
         [ref.sae_id, ref.run],
     ).fetchall()
-    hook = site.store.sql("SELECT hook FROM saes WHERE sae_id = ?", [ref.sae_id]).fetchall()[0][0]
     if not got or not got[0][0] or not Path(got[0][0]).exists():
-        return None, "no local checkpoint recorded for the runs of this SAE"
+        return None, "no local checkpoint recorded for the runs of this SAE", None
+    path, ckpt_hash, hook, sae_hash = got[0]
     if "resid" not in str(hook):
-        return None, f"{hook} is not the residual stream; the logit lens reads residual directions"
-    path = str(got[0][0])
+        note = f"{hook} is not the residual stream; the logit lens reads residual directions"
+        return None, note, None
+    return str(path), None, [str(path), ckpt_hash, sae_hash, ref.feature]
+
+
+def _lens_rows(cache: dict[str, Any], path: str, row_D: np.ndarray) -> tuple[Any, str | None]:
+    """The top and bottom tokens of a decoder row through a checkpoint's unembedding."""
+    from actstore.analysis.lens import _load_model, _load_tokenizer, _vocab, direction_logits
+
     if path not in cache:
         model, _ = _load_model(path)
         config: Any = model.config
         cache[path] = (model, _vocab(_load_tokenizer(None, path), int(config.vocab_size)))
     model, vocab = cache[path]
     try:
-        logits = direction_logits(model, decoder[ref.feature][None, :])[0]
+        logits = direction_logits(model, row_D[None, :])[0]
     except InputError as e:
         return None, str(e)
     top = np.argsort(-logits, kind="stable")[:10]
@@ -421,7 +429,9 @@ def _features(site: _Site, feats: list[D.FeatureRef], fdata: dict[D.FeatureRef, 
     models: dict[str, Any] = {}
     for i, ref in enumerate(feats):
         d = fdata[ref]
-        lens, lens_note = _lens(site, models, ref, decoders.get(ref.sae_id), why_not[ref.sae_id])
+        lens_path, lens_note, lens_key = _lens_source(
+            site, ref, decoders.get(ref.sae_id), why_not[ref.sae_id]
+        )
         matches: list[dict[str, Any]] = []
         matches_note = "no other SAE of this width in the store"
         if ref.sae_id in decoders:
@@ -435,9 +445,12 @@ def _features(site: _Site, feats: list[D.FeatureRef], fdata: dict[D.FeatureRef, 
             "prev": feature_page(feats[i - 1]) if i > 0 else None,
             "next": feature_page(feats[i + 1]) if i + 1 < len(feats) else None,
         }
-        key = _digest([d, lens, lens_note, matches, nav])
+        key = _digest([d, lens_key, lens_note, matches, nav])
         if site.unchanged(page, key):
             continue
+        lens = None
+        if lens_path is not None:
+            lens, lens_note = _lens_rows(models, lens_path, decoders[ref.sae_id][ref.feature])
         labels = d["labels"]
         runs = [r["run"] for r in d["by_run"]]
         series: dict[str, list[float | None]] = {"all tokens": [r["freq"] for r in d["by_run"]]}
