@@ -43,7 +43,8 @@ from actstore.errors import ActstoreError
 @click.option(
     "--direction",
     default=None,
-    help="The stored direction shading prompt pages (default: the first mean difference).",
+    help="The stored direction shading prompt pages (default: the one the latest edit used, "
+    "else the mean difference with the best stored AUROC).",
 )
 def report(
     store: str,

@@ -60,7 +60,8 @@ X_KEYS = (
 """Column names taken as the x axis of a line chart, in order of preference."""
 
 
-def _scalar(v: Any) -> bool:
+def is_scalar(v: Any) -> bool:
+    """Whether a JSON value is a scalar (None, str, int, float, bool)."""
     return v is None or isinstance(v, str | int | float | bool)
 
 
@@ -93,12 +94,12 @@ def _flatten(rec: Mapping[str, Any]) -> dict[str, Any]:
     """Scalars of a record, with one level of nested scalar dicts as ``key.sub``."""
     out: dict[str, Any] = {}
     for k, v in rec.items():
-        if _scalar(v):
+        if is_scalar(v):
             out[k] = v
-        elif isinstance(v, Mapping) and all(_scalar(x) for x in v.values()):
+        elif isinstance(v, Mapping) and all(is_scalar(x) for x in v.values()):
             for sk, sv in v.items():
                 out[f"{k}.{sk}"] = sv
-        elif isinstance(v, list) and len(v) <= 4 and all(_scalar(x) for x in v):
+        elif isinstance(v, list) and len(v) <= 4 and all(is_scalar(x) for x in v):
             out[k] = ", ".join(str(x) for x in v)
     return out
 
@@ -157,7 +158,7 @@ def _labels_for(parent: Mapping[str, Any], n: int, exclude: str, prefer: Sequenc
     candidates = [
         k
         for k, v in parent.items()
-        if k != exclude and isinstance(v, list) and len(v) == n and all(_scalar(x) for x in v)
+        if k != exclude and isinstance(v, list) and len(v) == n and all(is_scalar(x) for x in v)
     ]
     for p in prefer:
         for k in candidates:
@@ -192,7 +193,7 @@ def generic_sections(result: Mapping[str, Any], title: str = "") -> list[Section
     (['layers', '0', '1'], 'rows: layers; columns: index')
     """
     out: list[Section] = []
-    scalars = [[k, v] for k, v in result.items() if _scalar(v)]
+    scalars = [[k, v] for k, v in result.items() if is_scalar(v)]
     if scalars:
         out.append(section(title or "values", columns=["key", "value"], rows=scalars))
     used_as_labels: set[str] = set()
@@ -203,10 +204,10 @@ def generic_sections(result: Mapping[str, Any], title: str = "") -> list[Section
             out.append(sec)
     for k, v in result.items():
         path = f"{title}{k}"
-        if _scalar(v) or _matrix(v):
+        if is_scalar(v) or _matrix(v):
             continue
         if isinstance(v, Mapping):
-            if v and all(_scalar(x) for x in v.values()):
+            if v and all(is_scalar(x) for x in v.values()):
                 out.append(
                     section(path, columns=["key", "value"], rows=[[a, b] for a, b in v.items()])
                 )
@@ -233,7 +234,7 @@ def generic_sections(result: Mapping[str, Any], title: str = "") -> list[Section
                         path, svg=svg, columns=["index", k], rows=list(zip(idx, v, strict=True))
                     )
                 )
-        elif isinstance(v, list) and v and all(_scalar(x) for x in v):
+        elif isinstance(v, list) and v and all(is_scalar(x) for x in v):
             if any(_number(x) for x in v) and k in X_KEYS:
                 continue  # an axis of another entry
             out.append(section(path, note=", ".join(str(x) for x in v[:MAX_ROWS])))

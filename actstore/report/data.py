@@ -666,18 +666,28 @@ def _project(
 
 
 def default_direction(store: Store) -> str | None:
-    """The direction prompt pages shade by default: the first stored mean-difference direction
-    at the middle of its layers, else the first direction.
+    """The direction prompt pages shade by default.
+
+    The direction the latest stored edit used (the one a researcher chose to act on),
+    else the mean-difference direction with the highest stored AUROC, else the
+    first stored direction; None when there are none.
 
     Example
     -------
     >>> default_direction(st)  # doctest: +SKIP
     'demo_backdoored/mean_diff/blocks.2.hook_resid_post'
     """
-    rows = store.sql("SELECT name, method FROM directions ORDER BY direction_id").fetchall()
+    rows = _records(store, "SELECT name, method, params FROM directions ORDER BY direction_id")
     if not rows:
         return None
-    for name, method in rows:
-        if method == "mean_diff":
-            return str(name)
-    return str(rows[0][0])
+    names = {str(r["name"]) for r in rows}
+    for (spec,) in store.sql("SELECT spec FROM edits ORDER BY edit_id DESC").fetchall():
+        for op in json.loads(spec or "{}").get("ops") or []:
+            if isinstance(op, dict) and op.get("direction") in names:
+                return str(op["direction"])
+    best: tuple[float, str] | None = None
+    for r in rows:
+        auroc = json.loads(r["params"] or "{}").get("auroc") if r["method"] == "mean_diff" else None
+        if isinstance(auroc, int | float) and (best is None or auroc > best[0]):
+            best = (float(auroc), str(r["name"]))
+    return best[1] if best else str(rows[0]["name"])

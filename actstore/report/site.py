@@ -72,8 +72,8 @@ class ReportOptions:
     prompts_per_set: int = 6
     """Prompt pages per prompt set (plus every prompt a feature page links to)."""
     direction: str | None = None
-    """The direction whose projection shades prompt pages (default: the first mean
-    difference stored)."""
+    """The direction whose projection shades prompt pages (default: the one the latest
+    edit used, else the mean difference with the best stored AUROC)."""
 
     def __post_init__(self) -> None:
         for name in ("n_features", "contexts", "width", "prompts_per_set"):
@@ -351,7 +351,7 @@ def _analysis(site: _Site, aid: int) -> None:
             s["figure"] = f"fig-analysis-{aid}-{i}.svg"
             svgs[s["figure"]] = svg
     params = [
-        [k, json.dumps(v) if not A._scalar(v) else v] for k, v in sorted(rec["params"].items())
+        [k, json.dumps(v) if not A.is_scalar(v) else v] for k, v in sorted(rec["params"].items())
     ]
     context = {
         "title": f"{rec['name']} ({rec['kind']})",
