@@ -23,6 +23,11 @@ import numpy as np
 _COLORS = ("tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple", "tab:brown")
 
 
+def _plain(text: Any) -> str:
+    """Text from the store, shown literally (matplotlib would parse ``$...$`` as math)."""
+    return str(text).replace("$", r"\$")
+
+
 def _figure(size: tuple[float, float], bottom: float = 0.14) -> Any:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -68,7 +73,7 @@ def histogram(groups: Mapping[str, Sequence[float]], *, title: str, bins: int = 
                     fill=True,
                     alpha=0.55,
                     color=_COLORS[i % len(_COLORS)],
-                    label=f"{name} ({len(v)})",
+                    label=_plain(f"{name} ({len(v)})"),
                 )
         ax.set_yscale("log")
         ax.legend(fontsize=8)
@@ -76,7 +81,7 @@ def histogram(groups: Mapping[str, Sequence[float]], *, title: str, bins: int = 
         ax.text(0.5, 0.5, "never fires", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("activation (nonzero tokens)")
     ax.set_ylabel("tokens")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(_plain(title), fontsize=9)
     return _svg(fig)
 
 
@@ -101,11 +106,11 @@ def grouped_bars(
     width = 0.8 / n
     for i, (name, vals) in enumerate(series.items()):
         v = np.array([np.nan if x is None else float(x) for x in vals])
-        ax.bar(xs + (i - (n - 1) / 2) * width, v, width, label=name, color=_COLORS[i % 6])
+        ax.bar(xs + (i - (n - 1) / 2) * width, v, width, label=_plain(name), color=_COLORS[i % 6])
     ax.set_xticks(xs)
-    ax.set_xticklabels(list(categories), rotation=30, ha="right", fontsize=7)
+    ax.set_xticklabels([_plain(c) for c in categories], rotation=30, ha="right", fontsize=7)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(_plain(title), fontsize=9)
     if len(series) > 1:
         ax.legend(fontsize=8)
     return _svg(fig)
@@ -141,13 +146,13 @@ def auroc_by_layer(layers: Sequence[Mapping[str, Any]], *, title: str, held_out:
         methods += [m for m in (e.get("auroc") or {}) if m not in methods]
     for m in methods:
         ys = [(e.get("auroc") or {}).get(m) for e in layers]
-        ax.plot(xs, [np.nan if y is None else y for y in ys], marker="o", label=m)
+        ax.plot(xs, [np.nan if y is None else y for y in ys], marker="o", label=_plain(m))
     ax.axhline(0.5, color="0.6", lw=0.8)
     ax.set_ylim(0.0, 1.02)
     ax.set_xticks(xs)
     ax.set_xlabel("layer")
     ax.set_ylabel("held-out AUROC" if held_out else "AUROC (in-sample)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(_plain(title), fontsize=9)
     ax.legend(loc="lower right", fontsize=8)
     return _svg(fig)
 
@@ -180,12 +185,17 @@ def scatter(
         for i, value in enumerate(sorted(set(lab.tolist()))):
             m = lab == value
             ax.scatter(
-                X[m], Y[m], s=9, alpha=0.7, color=_COLORS[i % 6], label=f"{label_name}={value}"
+                X[m],
+                Y[m],
+                s=9,
+                alpha=0.7,
+                color=_COLORS[i % 6],
+                label=_plain(f"{label_name}={value}"),
             )
         ax.legend(fontsize=8)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(_plain(xlabel))
+    ax.set_ylabel(_plain(ylabel))
+    ax.set_title(_plain(title), fontsize=9)
     return _svg(fig)
 
 
@@ -223,8 +233,8 @@ def heatmap(
     ):
         if labels is not None:
             ticks(np.arange(len(labels)))
-            setter([str(v) for v in labels], fontsize=7)
-    ax.set_title(title, fontsize=9)
+            setter([_plain(v) for v in labels], fontsize=7)
+    ax.set_title(_plain(title), fontsize=9)
     return _svg(fig)
 
 
@@ -249,12 +259,12 @@ def lines(
     xs = np.asarray(x, float) if numeric_x else np.arange(len(x))
     for i, (name, ys) in enumerate(series.items()):
         v = np.array([np.nan if y is None else float(y) for y in ys])
-        ax.plot(xs, v, marker="o", ms=3, color=_COLORS[i % 6], label=name)
+        ax.plot(xs, v, marker="o", ms=3, color=_COLORS[i % 6], label=_plain(name))
     if not numeric_x:
         ax.set_xticks(xs)
-        ax.set_xticklabels([str(v) for v in x], rotation=30, ha="right", fontsize=7)
-    ax.set_xlabel(xlabel)
-    ax.set_title(title, fontsize=9)
+        ax.set_xticklabels([_plain(v) for v in x], rotation=30, ha="right", fontsize=7)
+    ax.set_xlabel(_plain(xlabel))
+    ax.set_title(_plain(title), fontsize=9)
     if series:
         ax.legend(fontsize=8)
     return _svg(fig)

@@ -137,6 +137,9 @@ def test_generic_sections_read_the_shape_of_a_result():
     assert by["grid"]["svg"] is not None
     curve = generic_sections({"sweep": [{"alpha": 0, "y": 1.0}, {"alpha": 1, "y": 2.0}]})[0]
     assert curve["columns"] == ["alpha", "y"] and curve["svg"] is not None
+    # text from the store is drawn literally: "$...$" is not matplotlib math
+    money = generic_sections({"cost $x_1$ in $": [1.0, 2.0, 3.0]})[0]
+    assert "cost $x_1$ in $" in money["svg"]
 
 
 def test_rebuild_writes_only_what_changed(html_store, html_report, tmp_path):
