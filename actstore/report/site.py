@@ -45,7 +45,9 @@ import actstore
 from actstore.errors import InputError
 from actstore.report import analyses as A
 from actstore.report import data as D
+from actstore.report import features as F
 from actstore.report import figures
+from actstore.report import prompts as P
 from actstore.store.store import Store
 
 MANIFEST = "manifest.json"
@@ -233,12 +235,12 @@ def analysis_page(aid: int) -> str:
     return f"analysis-{aid}.html"
 
 
-def feature_page(ref: D.FeatureRef) -> str:
+def feature_page(ref: F.FeatureRef) -> str:
     """File name of a feature page.
 
     Example
     -------
-    >>> feature_page(D.FeatureRef("l2 resid", 1, 206, ""))
+    >>> feature_page(F.FeatureRef("l2 resid", 1, 206, ""))
     'feature-l2_resid-206.html'
     """
     return f"feature-{ref.slug}.html"
@@ -287,14 +289,14 @@ def build_report(
     out = Path(out_dir)
     # validate everything before writing anything
     old = _check_out_dir(out)
-    feats = D.select_features(st, opts.features, k=opts.n_features)
+    feats = F.select_features(st, opts.features, k=opts.n_features)
     direction = opts.direction
     if direction is not None:
         if not st.sql("SELECT 1 FROM directions WHERE name = ?", [direction]).fetchall():
             names = [r[0] for r in st.sql("SELECT name FROM directions ORDER BY 1").fetchall()]
             raise InputError(f"direction {direction!r} not in the store; directions: {names}")
     else:
-        direction = D.default_direction(st)
+        direction = P.default_direction(st)
     index = D.index_data(st)
     out.mkdir(parents=True, exist_ok=True)
     site = _Site(st, out, old)
@@ -307,7 +309,7 @@ def build_report(
 
     # feature pages collect their contexts first: their prompts get pages too
     fdata = {
-        ref: D.feature_data(st, ref, contexts=opts.contexts, width=opts.width) for ref in feats
+        ref: F.feature_data(st, ref, contexts=opts.contexts, width=opts.width) for ref in feats
     }
     prompts: dict[tuple[int, int], str] = {}
     set_names = {int(s["prompt_set_id"]): str(s["name"]) for s in index["prompt_sets"]}
@@ -325,7 +327,7 @@ def build_report(
     for sid, idx in prompts:
         by_set.setdefault(sid, []).append(idx)
     for sid, idxs in sorted(by_set.items()):
-        got = D.prompts_data(
+        got = P.prompts_data(
             st, sid, idxs, direction=direction, feature=feats[0] if feats else None
         )
         for idx, pd in got.items():
@@ -366,7 +368,7 @@ def _analysis(site: _Site, aid: int) -> None:
 
 
 def _lens_source(
-    site: _Site, ref: D.FeatureRef, decoder: np.ndarray | None, why_not: str | None
+    site: _Site, ref: F.FeatureRef, decoder: np.ndarray | None, why_not: str | None
 ) -> tuple[str | None, str | None, Any]:
     """(checkpoint path, None) for the logit lens of a feature, or (None, why not); and a key.
 
@@ -415,14 +417,14 @@ def _lens_rows(cache: dict[str, Any], path: str, row_D: np.ndarray) -> tuple[Any
     return {"model": path, "rows": rows}, None
 
 
-def _features(site: _Site, feats: list[D.FeatureRef], fdata: dict[D.FeatureRef, Any]) -> None:
+def _features(site: _Site, feats: list[F.FeatureRef], fdata: dict[F.FeatureRef, Any]) -> None:
     decoders: dict[int, np.ndarray] = {}
     sae_names = {
         int(i): str(n) for i, n in site.store.sql("SELECT sae_id, name FROM saes").fetchall()
     }
     why_not: dict[int, str | None] = {}
     for sid in sae_names:
-        W, why_not[sid] = D.decoder_rows(site.store, sid)
+        W, why_not[sid] = F.decoder_rows(site.store, sid)
         if W is not None:
             decoders[sid] = W
     pages = {(r.sae_id, r.feature): feature_page(r) for r in feats}
@@ -435,7 +437,7 @@ def _features(site: _Site, feats: list[D.FeatureRef], fdata: dict[D.FeatureRef, 
         matches: list[dict[str, Any]] = []
         matches_note = "no other SAE of this width in the store"
         if ref.sae_id in decoders:
-            matches = D.feature_matches(decoders, sae_names, ref.sae_id, ref.feature)
+            matches = F.feature_matches(decoders, sae_names, ref.sae_id, ref.feature)
             for m in matches:
                 m["href"] = pages.get((m["sae_id"], m["feature"]))
         else:
@@ -490,7 +492,7 @@ def _features(site: _Site, feats: list[D.FeatureRef], fdata: dict[D.FeatureRef, 
         site.page(page, key, "feature.html", context, svgs)
 
 
-def _prompt(site: _Site, d: dict[str, Any], page: str, feat: D.FeatureRef | None) -> None:
+def _prompt(site: _Site, d: dict[str, Any], page: str, feat: F.FeatureRef | None) -> None:
     sid, idx = d["prompt_set_id"], d["prompt_idx"]
     feature_href = feature_page(feat) if feat is not None else None
     key = _digest([d, feature_href])
@@ -517,8 +519,8 @@ def _prompt(site: _Site, d: dict[str, Any], page: str, feat: D.FeatureRef | None
 def _index(
     site: _Site,
     d: dict[str, Any],
-    feats: list[D.FeatureRef],
-    fdata: dict[D.FeatureRef, Any],
+    feats: list[F.FeatureRef],
+    fdata: dict[F.FeatureRef, Any],
     prompts: dict[tuple[int, int], str],
     analysis_hrefs: dict[int, str],
 ) -> None:

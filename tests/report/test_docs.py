@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 
-MODULES = ["analyses", "data", "figures", "site"]
+MODULES = ["analyses", "data", "features", "figures", "prompts", "serve", "site"]
 
 
 @pytest.mark.parametrize("name", MODULES)
