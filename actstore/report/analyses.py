@@ -61,7 +61,13 @@ X_KEYS = (
 
 
 def is_scalar(v: Any) -> bool:
-    """Whether a JSON value is a scalar (None, str, int, float, bool)."""
+    """Whether a JSON value is a scalar (None, str, int, float, bool).
+
+    Example
+    -------
+    >>> is_scalar(3.5), is_scalar([1])
+    (True, False)
+    """
     return v is None or isinstance(v, str | int | float | bool)
 
 

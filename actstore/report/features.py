@@ -44,7 +44,13 @@ class FeatureRef:
 
     @property
     def slug(self) -> str:
-        """The page's file stem: ``SAE-FEATURE`` with unsafe characters replaced."""
+        """The page's file stem: ``SAE-FEATURE`` with unsafe characters replaced.
+
+        Example
+        -------
+        >>> FeatureRef("l2 resid", 1, 7, "").slug
+        'l2_resid-7'
+        """
         return f"{safe_name(self.sae)}-{self.feature}"
 
 

@@ -96,7 +96,13 @@ class ReportSummary:
 
     @property
     def pages(self) -> int:
-        """Pages in the site."""
+        """Pages in the site.
+
+        Example
+        -------
+        >>> ReportSummary(Path("r"), written=["index.html", "fig.svg"]).pages
+        1
+        """
         return sum(1 for p in self.written + self.unchanged if p.endswith(".html"))
 
     def __str__(self) -> str:
