@@ -7,6 +7,11 @@ activation, and measure how much of a logit-difference metric
 source's (1). Results are stored as SQL tables (``patch_cells``,
 ``patch_pairs``) with their provenance, and plotted as a layer x position heatmap.
 
+Attribution patching (:func:`attribute`): the same cells estimated from one
+forward and one backward pass per prompt, ``(a_source - a_target) . grad``, and
+with SAEs per feature and error term (``attrib_cells``, ``attrib_features``);
+:func:`compare_to_grid` gives its Pearson r against an exact grid.
+
 Example
 -------
 >>> from actstore.patching import patch_grid
@@ -17,16 +22,21 @@ Example
 >>> st.sql("SELECT layer, pos_from_end, avg(metric) FROM patch_cells GROUP BY ALL")  # doctest: +SKIP
 """
 
+from actstore.patching.attribution import Attribution, attribute, compare_to_grid, load_attribution
 from actstore.patching.grid import patch_grid, patched_metrics
 from actstore.patching.metric import MetricSpec, logit_diff, normalise
 from actstore.patching.pairs import align, find_pairs
 from actstore.patching.result import PatchGrid, load_grid
 
 __all__ = [
+    "Attribution",
     "MetricSpec",
     "PatchGrid",
     "align",
+    "attribute",
+    "compare_to_grid",
     "find_pairs",
+    "load_attribution",
     "load_grid",
     "logit_diff",
     "normalise",

@@ -54,7 +54,7 @@ from actstore.patching.tables import CELL_COLUMNS, PAIR_COLUMNS, write_result
 if TYPE_CHECKING:
     from actstore.store.store import Store
 
-__all__ = ["patch_grid", "patched_metrics"]
+__all__ = ["metric_fn", "patch_grid", "patched_metrics", "unpatched_metrics"]
 
 
 # --- the computation -----------------------------------------------------------------
@@ -115,7 +115,15 @@ def patched_metrics(
     return metric(logits_BV).cpu()
 
 
-def _diff(good_B: torch.Tensor, bad_B: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+def metric_fn(good_B: torch.Tensor, bad_B: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``logits_BV -> logit_diff(logits_BV, good_B, bad_B)``.
+
+    Example
+    -------
+    >>> metric_fn(torch.tensor([1]), torch.tensor([0]))(torch.tensor([[0.0, 2.0]])).tolist()
+    [2.0]
+    """
+
     def metric(logits_BV: torch.Tensor) -> torch.Tensor:
         return logit_diff(logits_BV, good_B, bad_B)
 
@@ -132,10 +140,16 @@ def _batches(cells: list[Cell], lengths: list[int], batch_size: int) -> Iterator
             yield group[lo : lo + batch_size]
 
 
-def _baselines(
+def unpatched_metrics(
     model: Any, prompts: list[list[int]], good: list[int], bad: list[int], batch_size: int
 ) -> torch.Tensor:
-    """The unpatched metric of each prompt (grouped by length, no padding)."""
+    """The unpatched ``logit_diff(good, bad)`` of each prompt (grouped by length, no padding).
+
+    Example
+    -------
+    >>> unpatched_metrics(model, [[2, 10, 6]], [7], [8], batch_size=16)  # doctest: +SKIP
+    tensor([-9.69])
+    """
     out = torch.zeros(len(prompts), dtype=torch.float32)
     order: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
@@ -145,7 +159,7 @@ def _baselines(
             chunk = idx[lo : lo + batch_size]
             ids_BS = torch.tensor([prompts[i] for i in chunk])
             g, b = torch.tensor([good[i] for i in chunk]), torch.tensor([bad[i] for i in chunk])
-            out[chunk] = patched_metrics(model, ids_BS, [[] for _ in chunk], _diff(g, b))
+            out[chunk] = patched_metrics(model, ids_BS, [[] for _ in chunk], metric_fn(g, b))
     return out
 
 
@@ -251,8 +265,8 @@ def patch_grid(
     model = load_model(tgt, device)
     smodel = model if src["path"] == tgt["path"] else load_model(src, device)
     t_ids, s_ids = plan.t_ids, plan.s_ids
-    m_target = _baselines(model, t_ids, good, bad, batch_size)
-    m_source = _baselines(smodel, s_ids, good, bad, batch_size)
+    m_target = unpatched_metrics(model, t_ids, good, bad, batch_size)
+    m_source = unpatched_metrics(smodel, s_ids, good, bad, batch_size)
     if smodel is not model:
         del smodel
     values: dict[tuple[int, str, int], float] = {}
@@ -267,7 +281,7 @@ def patch_grid(
         patches = [[(c.hook, c.target_position, vecs[c.hook][c.source_row])] for c in batch]
         g = torch.tensor([good[c.pair] for c in batch])
         b = torch.tensor([bad[c.pair] for c in batch])
-        out_B = patched_metrics(model, ids_BS, patches, _diff(g, b))
+        out_B = patched_metrics(model, ids_BS, patches, metric_fn(g, b))
         for c, v in zip(batch, out_B.tolist(), strict=True):
             values[(c.pair, c.hook, c.target_position)] = v
     compute_s = time.perf_counter() - t_run

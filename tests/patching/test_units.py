@@ -72,7 +72,9 @@ def test_alignment_covers_every_position_once(how: str) -> None:
             assert len(src_only) == len(src) - len(tgt)
 
 
-@pytest.mark.parametrize("name", ["metric", "pairs", "plot", "tables"])
+@pytest.mark.parametrize(
+    "name", ["attribution", "grid", "metric", "pairs", "plan", "plot", "result", "tables"]
+)
 def test_docstring_examples(name: str) -> None:
     module = importlib.import_module(f"actstore.patching.{name}")
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS, verbose=False)
