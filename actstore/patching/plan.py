@@ -34,7 +34,17 @@ from actstore.patching.tables import CELL_SCHEMA, PAIR_SCHEMA, check_new_name
 if TYPE_CHECKING:
     from actstore.store.store import Store
 
-__all__ = ["Cell", "Plan", "Prompt", "cell_table", "load_model", "make_plan", "pair_table"]
+__all__ = [
+    "Cell",
+    "Plan",
+    "Prompt",
+    "cell_table",
+    "load_model",
+    "make_plan",
+    "pair_table",
+    "prompts_of",
+    "run_record",
+]
 
 
 @dataclass(frozen=True)
@@ -75,7 +85,14 @@ def run_record(st: Store, run: str | int) -> dict[str, Any]:
     return out
 
 
-def _prompts(st: Store, rid: int, prompt_idx: Sequence[int]) -> dict[int, Prompt]:
+def prompts_of(st: Store, rid: int, prompt_idx: Sequence[int]) -> dict[int, Prompt]:
+    """The prompts of run ``rid`` with those indices: token ids, stored rows, texts, roles.
+
+    Example
+    -------
+    >>> prompts_of(st, 1, [0])[0].ids  # doctest: +SKIP
+    [2, 10, 11, 12, 13, 17, 27, 14, 5, 6]
+    """
     rows = st.sql(
         """SELECT prompt_idx, list(token_id ORDER BY position) AS ids,
                   list("row" ORDER BY position) AS rows, list(token_text ORDER BY position) AS t,
@@ -254,8 +271,8 @@ def make_plan(
         where=where,
         same_prompt=src["run_id"] != tgt["run_id"],
     )
-    tprompts = _prompts(st, int(tgt["run_id"]), [p.target_prompt for p in found])
-    sprompts = _prompts(st, int(src["run_id"]), [p.source_prompt for p in found])
+    tprompts = prompts_of(st, int(tgt["run_id"]), [p.target_prompt for p in found])
+    sprompts = prompts_of(st, int(src["run_id"]), [p.source_prompt for p in found])
     for p in found:
         for i, which, have in ((p.target_prompt, tgt, tprompts), (p.source_prompt, src, sprompts)):
             if i not in have:
