@@ -338,42 +338,51 @@ def attribute(
     sae_cells = _sae_sites(plan, sae_list)
     model = load_model(tgt, device)
     smodel = model if src["path"] == tgt["path"] else load_model(src, device)
-    from actstore.patching.grid import metric_fn, unpatched_metrics
+    from actstore.patching.grid import PAIR_CHUNK, metric_fn, unpatched_metrics
 
     m_source = unpatched_metrics(smodel, plan.s_ids, plan.good, plan.bad, batch_size)
     del smodel
     grad_hooks = list(dict.fromkeys([*plan.hooks, *(s.hook for s in sae_list)]))
-    rows_by_hook: dict[str, set[int]] = {h: set() for h in grad_hooks}
-    for c in plan.cells:
-        rows_by_hook[c.hook].add(c.source_row)
-    for s_ in sae_list:
-        rows_by_hook[s_.hook].update(srow for _, _, _, srow in sae_cells[s_.name])
-    vecs = {h: source_values(st, src["name"], h, sorted(r)) for h, r in rows_by_hook.items() if r}
     m_target = torch.zeros(len(found))
-    acts: dict[int, dict[str, torch.Tensor]] = {}
-    grads: dict[int, dict[str, torch.Tensor]] = {}
-    by_len: dict[int, list[int]] = {}
-    for k, ids in enumerate(plan.t_ids):
-        by_len.setdefault(len(ids), []).append(k)
-    for _, idx in sorted(by_len.items()):
-        for lo in range(0, len(idx), batch_size):
-            chunk = idx[lo : lo + batch_size]
-            g = torch.tensor([plan.good[k] for k in chunk])
-            b = torch.tensor([plan.bad[k] for k in chunk])
-            ids_BS = torch.tensor([plan.t_ids[k] for k in chunk])
-            m_B, a, gr = gradients(model, ids_BS, grad_hooks, metric_fn(g, b))
-            m_target[chunk] = m_B
-            for j, k in enumerate(chunk):
-                acts[k] = {h: a[h][j].cpu() for h in grad_hooks}
-                grads[k] = {h: gr[h][j].cpu() for h in grad_hooks}
     values: dict[tuple[int, str, int], float] = {}
-    for c in plan.cells:
-        delta_D = vecs[c.hook][c.source_row] - acts[c.pair][c.hook][c.target_position]
-        effect = float(delta_D.double() @ grads[c.pair][c.hook][c.target_position].double())
-        values[(c.pair, c.hook, c.target_position)] = float(m_target[c.pair]) + effect
-    feature_rows = _feature_table(
-        st, plan, sae_list, sae_cells, vecs, acts, grads, m_target, m_source
-    )
+    parts: list[pa.Table] = []
+    for lo in range(0, len(found), PAIR_CHUNK):
+        # PAIR_CHUNK pairs at a time: activations, gradients and source vectors stay bounded
+        pairs_here = set(range(lo, min(lo + PAIR_CHUNK, len(found))))
+        cells_here = [c for c in plan.cells if c.pair in pairs_here]
+        sites_here = {n: [x for x in sites if x[0] in pairs_here] for n, sites in sae_cells.items()}
+        rows_by_hook: dict[str, set[int]] = {h: set() for h in grad_hooks}
+        for c in cells_here:
+            rows_by_hook[c.hook].add(c.source_row)
+        for s_ in sae_list:
+            rows_by_hook[s_.hook].update(srow for _, _, _, srow in sites_here[s_.name])
+        vecs = {
+            h: source_values(st, src["name"], h, sorted(r)) for h, r in rows_by_hook.items() if r
+        }
+        acts: dict[int, dict[str, torch.Tensor]] = {}
+        grads: dict[int, dict[str, torch.Tensor]] = {}
+        by_len: dict[int, list[int]] = {}
+        for k in sorted(pairs_here):
+            by_len.setdefault(len(plan.t_ids[k]), []).append(k)
+        for _, idx in sorted(by_len.items()):
+            for b_lo in range(0, len(idx), batch_size):
+                chunk = idx[b_lo : b_lo + batch_size]
+                g = torch.tensor([plan.good[k] for k in chunk])
+                b = torch.tensor([plan.bad[k] for k in chunk])
+                ids_BS = torch.tensor([plan.t_ids[k] for k in chunk])
+                m_B, a, gr = gradients(model, ids_BS, grad_hooks, metric_fn(g, b))
+                m_target[chunk] = m_B
+                for j, k in enumerate(chunk):
+                    acts[k] = {h: a[h][j].cpu() for h in grad_hooks}
+                    grads[k] = {h: gr[h][j].cpu() for h in grad_hooks}
+        for c in cells_here:
+            delta_D = vecs[c.hook][c.source_row] - acts[c.pair][c.hook][c.target_position]
+            effect = float(delta_D.double() @ grads[c.pair][c.hook][c.target_position].double())
+            values[(c.pair, c.hook, c.target_position)] = float(m_target[c.pair]) + effect
+        parts.append(
+            _feature_table(st, plan, sae_list, sites_here, vecs, acts, grads, m_target, m_source)
+        )
+    feature_rows = pa.concat_tables(parts)
     cells = cell_table(plan, values, m_target, m_source)
     summary = {
         "n_pairs": len(found),

@@ -54,7 +54,14 @@ from actstore.patching.tables import CELL_COLUMNS, PAIR_COLUMNS, write_result
 if TYPE_CHECKING:
     from actstore.store.store import Store
 
-__all__ = ["metric_fn", "patch_grid", "patched_metrics", "unpatched_metrics"]
+__all__ = [
+    "PAIR_CHUNK",
+    "metric_fn",
+    "pair_chunks",
+    "patch_grid",
+    "patched_metrics",
+    "unpatched_metrics",
+]
 
 
 # --- the computation -----------------------------------------------------------------
@@ -128,6 +135,25 @@ def metric_fn(good_B: torch.Tensor, bad_B: torch.Tensor) -> Callable[[torch.Tens
         return logit_diff(logits_BV, good_B, bad_B)
 
     return metric
+
+
+PAIR_CHUNK = 32
+"""Pairs whose source activations are held in memory at once."""
+
+
+def pair_chunks(cells: list[Cell]) -> Iterator[list[Cell]]:
+    """The cells, grouped by ``PAIR_CHUNK`` consecutive pairs.
+
+    Example
+    -------
+    >>> [len(c) for c in pair_chunks([Cell(k, "h", 0, 0, 0) for k in range(40)])]
+    [32, 8]
+    """
+    groups: dict[int, list[Cell]] = {}
+    for c in cells:
+        groups.setdefault(c.pair // PAIR_CHUNK, []).append(c)
+    for _, group in sorted(groups.items()):
+        yield group
 
 
 def _batches(cells: list[Cell], lengths: list[int], batch_size: int) -> Iterator[list[Cell]]:
@@ -271,19 +297,21 @@ def patch_grid(
         del smodel
     values: dict[tuple[int, str, int], float] = {}
     t_run = time.perf_counter()
-    rows_by_hook: dict[str, set[int]] = {}
-    for c in cells:
-        rows_by_hook.setdefault(c.hook, set()).add(c.source_row)
-    vecs = {h: source_values(st, src["name"], h, sorted(r)) for h, r in rows_by_hook.items()}
     lengths = [len(x) for x in t_ids]
-    for batch in _batches(cells, lengths, batch_size):
-        ids_BS = torch.tensor([t_ids[c.pair] for c in batch])
-        patches = [[(c.hook, c.target_position, vecs[c.hook][c.source_row])] for c in batch]
-        g = torch.tensor([good[c.pair] for c in batch])
-        b = torch.tensor([bad[c.pair] for c in batch])
-        out_B = patched_metrics(model, ids_BS, patches, metric_fn(g, b))
-        for c, v in zip(batch, out_B.tolist(), strict=True):
-            values[(c.pair, c.hook, c.target_position)] = v
+    for chunk in pair_chunks(cells):
+        # source vectors of PAIR_CHUNK pairs at a time: memory stays bounded on large runs
+        rows_by_hook: dict[str, set[int]] = {}
+        for c in chunk:
+            rows_by_hook.setdefault(c.hook, set()).add(c.source_row)
+        vecs = {h: source_values(st, src["name"], h, sorted(r)) for h, r in rows_by_hook.items()}
+        for batch in _batches(chunk, lengths, batch_size):
+            ids_BS = torch.tensor([t_ids[c.pair] for c in batch])
+            patches = [[(c.hook, c.target_position, vecs[c.hook][c.source_row])] for c in batch]
+            g = torch.tensor([good[c.pair] for c in batch])
+            b = torch.tensor([bad[c.pair] for c in batch])
+            out_B = patched_metrics(model, ids_BS, patches, metric_fn(g, b))
+            for c, v in zip(batch, out_B.tolist(), strict=True):
+                values[(c.pair, c.hook, c.target_position)] = v
     compute_s = time.perf_counter() - t_run
     cell_rows = cell_table(plan, values, m_target, m_source)
     finite = [v for v in cell_rows.column("metric").to_pylist() if v is not None]

@@ -138,6 +138,29 @@ def test_top_features_is_a_query(attrib) -> None:
     assert load_attribution(st, "attrib").analysis_id == res.analysis_id
 
 
+def test_attribution_in_chunks_of_pairs_is_the_same(
+    store_copy: actstore.Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kw = dict(
+        run="backdoored/pairs",
+        hooks=["blocks.1.hook_resid_pre", SAE_HOOK],
+        saes=["l2"],
+        where="pair_id < 3",
+    )
+    whole = attribute(store_copy, name="whole", **kw)
+    monkeypatch.setattr("actstore.patching.grid.PAIR_CHUNK", 1)
+    parts = attribute(store_copy, name="parts", batch_size=2, **kw)
+    for a, b in (
+        (whole.cells().df(), parts.cells().df()),
+        (whole.features().df(), parts.features().df()),
+    ):
+        assert len(a) == len(b) > 0
+        col = "value" if "value" in a else "effect"
+        np.testing.assert_allclose(
+            a[col].to_numpy(float), b[col].to_numpy(float), atol=1e-5, equal_nan=True
+        )
+
+
 def test_attribution_refuses_bad_saes_before_writing(store_copy: actstore.Store) -> None:
     with pytest.raises(NotFoundError, match="stored SAEs"):
         attribute(store_copy, run="backdoored/pairs", saes=["nope"])

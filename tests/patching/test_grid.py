@@ -104,14 +104,19 @@ def test_grid_is_sql_with_provenance(grid_store) -> None:
     assert load_grid(st, "grid").analysis_id == grid.analysis_id
 
 
-def test_batched_equals_one_forward_per_cell(store_copy: actstore.Store) -> None:
+def test_batched_equals_one_forward_per_cell(
+    store_copy: actstore.Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
     kw = dict(run="backdoored/pairs", hooks="blocks.1-2.hook_resid_pre", where="pair_id < 3")
     one = patch_grid(store_copy, name="one", batch_size=1, **kw).cells().df()
     many = patch_grid(store_copy, name="many", batch_size=17, **kw).cells().df()
-    assert len(one) == len(many) > 0
-    np.testing.assert_allclose(
-        one["value"].to_numpy(float), many["value"].to_numpy(float), atol=1e-4, equal_nan=True
-    )
+    monkeypatch.setattr("actstore.patching.grid.PAIR_CHUNK", 2)  # source vectors 2 pairs at a time
+    chunked = patch_grid(store_copy, name="chunked", batch_size=17, **kw).cells().df()
+    assert len(one) == len(many) == len(chunked) > 0
+    for other in (many, chunked):
+        np.testing.assert_allclose(
+            one["value"].to_numpy(float), other["value"].to_numpy(float), atol=1e-4, equal_nan=True
+        )
 
 
 def test_cross_checkpoint_patching_uses_the_source_runs_activations(store_copy, patch_env) -> None:
