@@ -212,3 +212,21 @@ def test_bad_requests_are_refused_before_anything_is_written(
     with pytest.raises(error, match=match):
         patch_grid(refuse_store, **args)
     assert _digest(Path(refuse_store.root)) == before
+
+
+def test_token_alignment_agrees_with_end_alignment_on_a_leading_trigger(
+    store_copy: actstore.Store,
+) -> None:
+    kw = dict(run="backdoored/pairs", hooks="blocks.2.hook_resid_pre", where="pair_id < 2")
+    end = patch_grid(store_copy, name="end", **kw).cells().df()
+    tokens = patch_grid(store_copy, name="tokens", alignment="tokens", **kw).cells().df()
+    start = patch_grid(store_copy, name="start", alignment="start", **kw).cells().df()
+    cols = ["pair", "position", "source_position", "counterpart"]
+    assert end[cols].equals(tokens[cols])
+    np.testing.assert_allclose(end["value"].to_numpy(float), tokens["value"].to_numpy(float))
+    # from the start, clean position t meets triggered position t: the trigger at 1, and the
+    # triggered prompt's last token is left over
+    m = start[start["counterpart"] == "matched"]
+    assert (m["position"] == m["source_position"]).all()
+    left = start[start["counterpart"] == "source_only"]
+    assert set(left["source_token"]) == {":"}

@@ -81,6 +81,13 @@ def test_docstring_examples(name: str) -> None:
     assert result.failed == 0
 
 
+def test_cli_module_docstring_examples() -> None:
+    import actstore.cli_patch
+
+    result = doctest.testmod(actstore.cli_patch, optionflags=doctest.ELLIPSIS, verbose=False)
+    assert result.attempted >= 2 and result.failed == 0
+
+
 def test_cli_patch_prints_the_grid_and_errors_in_one_line(store_copy) -> None:
     root = str(store_copy.root)
     args = [
