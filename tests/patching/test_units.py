@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import json
 
 import numpy as np
 import pytest
@@ -112,3 +113,57 @@ def test_cli_patch_prints_the_grid_and_errors_in_one_line(store_copy) -> None:
     assert again.exit_code == 1
     assert again.output.count("Error:") == 1 and "already stored" in again.output
     assert "Traceback" not in again.output
+
+
+def test_cli_attribute_and_faithfulness(store_copy) -> None:
+    root = str(store_copy.root)
+    res = CliRunner().invoke(
+        main,
+        [
+            "attribute",
+            root,
+            "--run",
+            "backdoored/pairs",
+            "--hooks",
+            "blocks.2.hook_resid_post",
+            "--sae",
+            "l2",
+            "--where",
+            "pair_id < 2",
+            "--name",
+            "a",
+            "--top",
+            "3",
+            "--format",
+            "csv",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "stored attribution 'a'" in res.output and res.output.count('"l2"') == 3
+    res = CliRunner().invoke(
+        main,
+        [
+            "faithfulness",
+            root,
+            "--run",
+            "backdoored/pairs",
+            "--sae",
+            "l2",
+            "--from-attribution",
+            "a",
+            "--sizes",
+            "1,2",
+            "--where",
+            "triggered AND pair_id < 2",
+            "--format",
+            "json",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output)
+    assert [r["feature_set"] for r in rows][:2] == ["model", "empty"]
+    assert rows[0]["faithfulness"] == pytest.approx(1.0) and rows[1]["faithfulness"] == 0
+    bad = CliRunner().invoke(
+        main, ["faithfulness", root, "--run", "backdoored/pairs", "--sae", "l2", "--features", "99"]
+    )
+    assert bad.exit_code == 1 and bad.output.count("Error:") == 1 and "outside 0-47" in bad.output
