@@ -548,5 +548,15 @@ from actstore.cli_report import report, serve  # noqa: E402  (commands in their 
 main.add_command(report)
 main.add_command(serve)
 
+from actstore.cli_patch import (  # noqa: E402  (built on the helpers above)
+    attribute_command,
+    faithfulness_command,
+    patch_command,
+)
+
+main.add_command(patch_command(emit, output_options, user_errors))
+main.add_command(attribute_command(emit, output_options, user_errors))
+main.add_command(faithfulness_command(emit, output_options, user_errors))
+
 if __name__ == "__main__":  # pragma: no cover
     main()
