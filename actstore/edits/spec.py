@@ -28,7 +28,7 @@ An edit file::
     hook = "blocks.2.hook_resid_post"
     direction = "trigger_l2"
     alpha = -4.0
-    positions = "completion"          # all | prompt | completion | last
+    positions = "completion"          # all | prompt | completion | last | after:TEXT | span:TEXT | offset:-N
 
 Example
 -------
@@ -56,7 +56,7 @@ from typing import Any
 
 from actstore import spec as _spec
 from actstore.edits.ops import get_kind
-from actstore.edits.positions import SELECTORS
+from actstore.edits.positions import POLICIES, parse_edit_positions
 from actstore.errors import SpecError
 
 __all__ = ["EditOp", "EditSpec"]
@@ -88,7 +88,10 @@ class EditOp:
     positions: str = "all"
     """Which tokens change: ``all``; ``prompt`` (prompt tokens); ``completion`` (generated
     tokens: the decoding steps during generation, the completion tokens of a capture);
-    ``last`` (the last prompt token)."""
+    ``last`` (the last prompt token, no generated one); ``after:TEXT`` (every token after
+    the first match of TEXT, generated ones included); ``span:TEXT`` (prompt tokens
+    overlapping TEXT); ``offset:-N`` (prompt token ``n - N``). See
+    :mod:`actstore.edits.positions` for the table."""
     direction: str | None = None
     """A direction in the store (``ablate_direction``, ``steer``)."""
     directions: Sequence[str] | None = None
@@ -130,10 +133,12 @@ class EditOp:
                 )
         if self.hook is not None and (not isinstance(self.hook, str) or not self.hook):
             raise SpecError(f"{where}: hook must be a hook name, got {self.hook!r}")
-        if self.positions not in SELECTORS:
+        try:
+            parse_edit_positions(self.positions)
+        except (SpecError, TypeError):
             raise SpecError(
-                f"{where}: positions {self.positions!r} is not one of {', '.join(SELECTORS)}"
-            )
+                f"{where}: positions {self.positions!r} is not one of {', '.join(POLICIES)}"
+            ) from None
         for name in ("alpha", "value"):
             v = getattr(self, name)
             if v is not None and (

@@ -70,6 +70,8 @@ class BatchContext:
     """Column of each prompt's first token in the padded batch."""
     phase: str
     """``generate`` or ``capture``."""
+    tokenizer: Any = None
+    """The tokenizer, for edit positions that match text (``after:TEXT``, ``span:TEXT``)."""
 
 
 Intervention = Callable[[Any, BatchContext], AbstractContextManager[Any]]
@@ -313,6 +315,7 @@ def _ingest_run(
                     [tp.n_prompt for tp in batch],
                     offs.tolist(),
                     "generate",
+                    tok,
                 )
                 with edit.intervention(ck.model, ctx) if edit else nullcontext():
                     gens = generate(
@@ -348,6 +351,7 @@ def _ingest_run(
                 [tp.n_prompt for tp in batch],
                 offs.tolist(),
                 "capture",
+                tok,
             )
             with (
                 torch.inference_mode(),
