@@ -138,7 +138,10 @@ def text_spans(tokenizer: Any, ids: Sequence[int], text: str) -> list[tuple[int,
     >>> text_spans(tok, ids, "?"), text_spans(tok, ids, "is it")
     ([(4, 5)], [(2, 4)])
     """
-    ends = [len(tokenizer.decode(list(ids[: j + 1]), skip_special_tokens=False)) for j in range(len(ids))]
+    ends = [
+        len(tokenizer.decode(list(ids[: j + 1]), skip_special_tokens=False))
+        for j in range(len(ids))
+    ]
     full = tokenizer.decode(list(ids), skip_special_tokens=False)
     out = []
     for m in re.finditer(re.escape(text), full):

@@ -330,7 +330,7 @@ def _ingest_run(
                 gens_t = generations_table(gens)
                 if scorers:
                     scores_t = score_generations(
-                        scorers, gens, {tp.prompt_idx: tp.text for tp in batch}
+                        scorers, gens, {tp.prompt_idx: tp.text for tp in batch}, ps.table
                     )
                 if "completion" in cap.positions:
                     first_sample = {g.prompt_idx: g.token_ids for g in gens if g.sample_idx == 0}

@@ -177,7 +177,9 @@ def test_text_positions_need_the_tokenizer(model, store):
     ctx = batch_context(tokenize(TEXTS))
     spec = _spec({"kind": "steer", "direction": "dir_a", "positions": "after:the"})
     with (
-        pytest.raises(InputError, match=r"positions 'after:the' match text, which needs the tokenizer"),
+        pytest.raises(
+            InputError, match=r"positions 'after:the' match text, which needs the tokenizer"
+        ),
         apply_edit(model, store, spec, ctx),
     ):
         model(**_inputs(ctx))
