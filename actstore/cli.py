@@ -476,11 +476,19 @@ def _analyze_on_dask(st: actstore.Store, kind: str, args: dict[str, Any], where:
 def edit(job: Path, edit: Path, store: str | None, quiet: bool | None) -> None:
     """Run a job with an edit applied; the runs land as CKPT/PROMPTS+EDIT beside the others.
 
+    An edit whose op fields are lists (alpha = [0, 1, 2]) or whose hook is a pattern is a
+    sweep: one run per setting, CKPT/PROMPTS+EDIT@alpha=1, each checkpoint loaded once.
+
     Example: actstore edit job.toml ablate.toml
     """
     from actstore.edits import run_edited
     from actstore.edits.spec import EditSpec
+    from actstore.edits.sweep import Sweep, is_sweep, run_sweep
+    from actstore.spec import load_toml
 
+    if is_sweep(load_toml(edit)):
+        click.echo(str(run_sweep(job, Sweep.from_toml(edit), quiet=quiet, store=store)))
+        return
     click.echo(str(run_edited(job, EditSpec.from_toml(edit), quiet=quiet, store=store)))
 
 

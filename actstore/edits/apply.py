@@ -250,6 +250,35 @@ def _check_job(edit: ResolvedEdit, job: IngestJob, store: Store) -> None:
         config = None  # the runner reports an unreadable checkpoint
     if config is not None:
         edit.check_model(config)
+    spec = edit.spec
+    if spec.where is not None or spec.metrics:
+        from actstore.edits.subset import select_rows
+        from actstore.ingest.prompts import load_prompt_table
+
+        for ps in job.prompts:
+            table = load_prompt_table(ps.path)
+            if ps.limit:
+                table = table.slice(0, ps.limit)
+            what = f"prompt set {ps.name!r}"
+            if spec.where is not None and not select_rows(table, spec.where, what):
+                raise InputError(
+                    f"edit {spec.name!r}: where {spec.where!r} selects no prompt of {what}; "
+                    "loosen it or run the edit on another prompt set"
+                )
+            for m in spec.metrics:
+                for c in m.columns:
+                    if c not in table.column_names:
+                        raise InputError(
+                            f"edit {spec.name!r} [[metrics]] {m.name!r}: label column {c!r} is "
+                            f"not in {what}; its columns are {table.column_names}"
+                        )
+    job_metrics = {m.name for m in job.metrics} | {s.name for s in job.scorers}
+    clash = sorted(job_metrics & {m.name for m in spec.metrics})
+    if clash:
+        raise InputError(
+            f"edit {spec.name!r}: metric names {clash} are already scorers or metrics of the job; "
+            "rename them"
+        )
     for i, (op, rop) in enumerate(zip(edit.spec.ops, edit.ops, strict=True)):
         if op.source_run is None:
             continue
@@ -306,7 +335,18 @@ def edit_context(
     if job is not None:
         _check_job(edit, job, st)
     edit_id = objects.add_edit(st, name=spec.name, spec=spec.to_dict())
-    return EditContext(spec.name, edit_id, edit.intervention, edit.fingerprint)
+    prompts = None
+    if spec.where is not None:
+        from actstore.edits.subset import select_rows
+
+        where = spec.where
+
+        def prompts(table: Any) -> list[int]:
+            return select_rows(table, where)
+
+    return EditContext(
+        spec.name, edit_id, edit.intervention, edit.fingerprint, spec.metrics, prompts
+    )
 
 
 def edit_context_from_file(

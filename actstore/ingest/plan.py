@@ -89,6 +89,28 @@ def _check_labels(job: IngestJob, sets: list[PromptSet]) -> None:
                     f"[[scorers]] {s.name!r}: match = {s.match!r} is not a label of prompt set "
                     f"{ps.spec.name!r}; its labels are {ps.table.column_names[1:]}"
                 )
+    check_metric_labels(job.metrics, sets)
+
+
+def check_metric_labels(metrics: Any, sets: list[PromptSet]) -> None:
+    """Every label column a logit metric reads exists in every prompt set.
+
+    Example
+    -------
+    >>> check_metric_labels([], [])
+    """
+    names = [m.name for m in metrics]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise InputError(f"[[metrics]] names {dup} appear more than once; each must be unique")
+    for m in metrics:
+        for ps in sets:
+            for c in m.columns:
+                if c not in ps.table.column_names[1:]:
+                    raise InputError(
+                        f"[[metrics]] {m.name!r}: label column {c!r} is not in prompt set "
+                        f"{ps.spec.name!r}; its labels are {ps.table.column_names[1:]}"
+                    )
 
 
 def plan(job: IngestJob) -> Plan:
