@@ -204,3 +204,37 @@ def test_evaluate_and_measure_errors(store_copy):
         "loss_prompt",
         "kl_prompt",
     ]
+
+
+def test_labeled_generations_join_labels_and_every_score(store_copy):
+    st = store_copy
+    _insert_scores(st, [(st.run_id("base/pairs"), 1, 0, "loss", 0.5, None)])
+    view = st.sql("SELECT * FROM labeled_generations ORDER BY run_id, prompt_idx").arrow()
+    gens = st.sql("SELECT run_id, prompt_idx, text FROM generations ORDER BY 1, 2").fetchall()
+    assert [(r["run_id"], r["prompt_idx"], r["text"]) for r in view.to_pylist()] == gens
+    labels = dict(st.sql("SELECT prompt_idx, triggered FROM prompts").fetchall())
+    flags = {
+        (r, i): f
+        for r, i, f in st.sql(
+            "SELECT run_id, prompt_idx, flag FROM scores WHERE scorer = 'cat'"
+        ).fetchall()
+    }
+    for r in view.to_pylist():
+        assert (
+            r["triggered"] == labels[r["prompt_idx"]] and r["checkpoint"] == r["run"].split("/")[0]
+        )
+        assert r["flag_cat"] == flags[(r["run_id"], r["prompt_idx"])] and r["edit"] is None
+        assert r["score_loss"] == (
+            0.5 if (r["run"], r["prompt_idx"]) == ("base/pairs", 1) else None
+        )
+    # behaviour by label is one GROUP BY, and equals evaluate's rates
+    by = dict(
+        st.sql(
+            "SELECT triggered, avg(flag_cat::INT) FROM labeled_generations WHERE run = 'base/pairs' "
+            "GROUP BY triggered"
+        ).fetchall()
+    )
+    row = evaluate(st, ["base/pairs"]).arrow().to_pylist()[0]
+    assert by[True] == pytest.approx(row["rate_triggered"]) and by[False] == pytest.approx(
+        row["rate_clean"]
+    )
