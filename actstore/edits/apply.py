@@ -126,7 +126,12 @@ class ResolvedEdit:
                 raise InputError(_width_error(self.spec.name, i, op, width))
 
     @contextmanager
-    def intervention(self, model: Any, ctx: BatchContext | None = None) -> Iterator[None]:
+    def intervention(
+        self,
+        model: Any,
+        ctx: BatchContext | None = None,
+        record: Callable[[str, int, Any], None] | None = None,
+    ) -> Iterator[None]:
         """Apply the edit to ``model``'s forward passes inside the block.
 
         Parameters
@@ -138,6 +143,10 @@ class ResolvedEdit:
             The batch being run (the ingest runner passes it), which says where
             each prompt's tokens are; None: each forward pass is a batch of
             whole, unpadded prompts (``completion`` positions select nothing).
+        record
+            Called as ``record(hook, op_index, sites)`` with the
+            :class:`~actstore.edits.positions.Sites` each op changes in each call
+            (what :func:`~actstore.edits.preview.preview` reports).
 
         Example
         -------
@@ -165,6 +174,8 @@ class ResolvedEdit:
                             _width_error(self.spec.name, i, op, int(acts_BSD.shape[-1]))
                         )
                     sites = step.select(op.positions)
+                    if record is not None:
+                        record(hook, i, sites)
                     if len(sites) == 0:
                         continue
                     x_ND = out_BSD[sites.b_N, sites.s_N].float()
