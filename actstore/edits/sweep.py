@@ -330,7 +330,12 @@ def sweep_table(
             "`actstore edit JOB SWEEP.toml`)"
         )
     keys = list(dict.fromkeys(k for _, s in members for k in s))
-    members.sort(key=lambda m: tuple((str(type(m[1].get(k))), m[1].get(k)) for k in keys))
+    def order(value: Any) -> tuple[int, float, str]:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return (0, float(value), "")
+        return (1, 0.0, str(value))
+
+    members.sort(key=lambda m: tuple(order(m[1].get(k)) for k in keys))
     table = evaluate(st, [r for r, _ in members], **evaluate_args).arrow()
     cols: list[pa.Array] = []
     for k in keys:
