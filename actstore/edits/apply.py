@@ -356,7 +356,7 @@ def edit_context(
             return select_rows(table, where)
 
     return EditContext(
-        spec.name, edit_id, edit.intervention, edit.fingerprint, spec.metrics, prompts
+        spec.name, edit_id, edit.intervention, edit.fingerprint, tuple(spec.metrics), prompts
     )
 
 
@@ -375,7 +375,7 @@ def edit_context_from_file(
     from actstore.edits.sweep import is_sweep
     from actstore.spec import load_toml
 
-    if is_sweep(load_toml(path)):
+    if is_sweep(load_toml(Path(path))):
         raise InputError(
             f"edit file {str(path)!r} is a sweep (a list or hook pattern in an op); run it with "
             "`actstore edit JOB SWEEP.toml`, one run per setting"

@@ -152,7 +152,7 @@ class Sweep:
         -------
         >>> Sweep.from_toml("edits/steer_sweep.toml")  # doctest: +SKIP
         """
-        return cls.from_dict(_spec.load_toml(path), base_dir=Path(path).resolve().parent)
+        return cls.from_dict(_spec.load_toml(Path(path)), base_dir=Path(path).resolve().parent)
 
     def keys(self) -> list[str]:
         """The setting's keys: the field name, or ``ops{i}.{field}`` where two ops sweep it.
@@ -330,6 +330,7 @@ def sweep_table(
             "`actstore edit JOB SWEEP.toml`)"
         )
     keys = list(dict.fromkeys(k for _, s in members for k in s))
+
     def order(value: Any) -> tuple[int, float, str]:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return (0, float(value), "")
@@ -341,7 +342,7 @@ def sweep_table(
     for k in keys:
         vals = [s.get(k) for _, s in members]
         numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in vals)
-        cols.append(pa.array([float(v) for v in vals] if numeric else [str(v) for v in vals]))
+        cols.append(pa.array([float(v or 0) for v in vals] if numeric else [str(v) for v in vals]))
     for i, k in enumerate(keys):
         table = table.add_column(i, k, cols[i])
     return Result(table)

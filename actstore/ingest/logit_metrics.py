@@ -304,8 +304,6 @@ def resolve_targets(
     ...                 [(0, "answer :", [2, 5, 6])])  # doctest: +SKIP
     {'p': ([[9]], [[]])}
     """
-    cols = {c: labels.column(c).to_pylist() for s in specs for c in s.columns} if specs else {}
-    out: dict[str, tuple[list[list[int]], list[list[int]]]] = {}
     for s in specs:
         missing = [c for c in s.columns if labels is None or c not in labels.column_names]
         if missing:
@@ -314,6 +312,9 @@ def resolve_targets(
                 f"[[metrics]] {s.name!r}: label column {missing[0]!r} is not in the prompt set; "
                 f"its labels are {have}"
             )
+    cols = {c: labels.column(c).to_pylist() for s in specs for c in s.columns if labels is not None}
+    out: dict[str, tuple[list[list[int]], list[list[int]]]] = {}
+    for s in specs:
         tgt, vs = [], []
         for i, text, ids in prompts:
             t = _texts(s.target, s.target_column, cols, i)

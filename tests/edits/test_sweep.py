@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from actstore.edits import edit_context_from_file
 from actstore.edits.sweep import Sweep, is_sweep, plot_sweep, run_sweep, sweep_table
 from actstore.errors import InputError, SpecError
 from actstore.ingest.hooks import intervene
@@ -123,9 +124,26 @@ def test_sweep_runs_one_edited_run_per_setting(edit_env, store_copy, model, tmp_
     assert matplotlib.image.imread(png).shape[:2] == (400, 600)
     with pytest.raises(InputError, match="metric 'nope' is not a numeric column"):
         plot_sweep(table, tmp_path / "x.png", metric="nope")
+    # the CLI: the same table, the curve, and --plot without --sweep refused
+    from click.testing import CliRunner
+
+    from actstore.cli import main
+
+    args = ["eval", str(st.root), "--sweep", "sw", "--format", "csv"]
+    out = CliRunner().invoke(main, [*args, "--plot", str(tmp_path / "cli.png")])
+    assert out.exit_code == 0, out.output
+    assert out.output.splitlines()[0].startswith('"hook","alpha","run"')
+    assert len(out.output.splitlines()) == 5 and (tmp_path / "cli.png").stat().st_size > 0
+    bad = CliRunner().invoke(main, ["eval", str(st.root), "--plot", str(tmp_path / "y.png")])
+    assert bad.exit_code != 0 and "--plot draws a sweep's steering curve" in bad.output
+    missing = CliRunner().invoke(main, ["eval", str(st.root), "--sweep", "nope"])
+    assert (
+        missing.exit_code != 0
+        and "sweep 'nope' has no runs in this store; sweeps: ['sw']" in missing.output
+    )
 
 
-def test_sweep_and_subset_errors_come_before_anything_is_written(edit_env, store_copy):
+def test_sweep_and_subset_errors_come_before_anything_is_written(edit_env, store_copy, tmp_path):
     st = store_copy
     job = IngestJob.from_dict(
         job_dict(st.root, edit_env["prompts"], {"base": edit_env["base_dir"]})
@@ -152,5 +170,13 @@ def test_sweep_and_subset_errors_come_before_anything_is_written(edit_env, store
     bad_metric = _sweep(metrics=[{"name": "m", "kind": "prob", "target_column": "nope"}])
     with pytest.raises(InputError, match=r"label column 'nope' is not in prompt set 'pairs'"):
         run_sweep(job, bad_metric, quiet=True)
+    sweep_file = tmp_path / "sweep.toml"
+    sweep_file.write_text(
+        'name = "s"\n[[ops]]\nkind = "steer"\ndirection = "dir_a"\nalpha = [1, 2]\n'
+    )
+    with pytest.raises(
+        InputError, match=r"is a sweep .*; run it with `actstore edit JOB SWEEP.toml`"
+    ):
+        edit_context_from_file(sweep_file, st.root, job=job)
     assert st.sql("SELECT count(*) FROM edits").fetchone() == n_edits
     assert st.sql("SELECT count(*) FROM runs").fetchone() == (2,)
