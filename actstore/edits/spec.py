@@ -28,7 +28,7 @@ An edit file::
     hook = "blocks.2.hook_resid_post"
     direction = "trigger_l2"
     alpha = -4.0
-    positions = "completion"          # all | prompt | completion | last
+    positions = "completion"          # all | prompt | completion | last | after:TEXT | span:TEXT | offset:-N
 
 Example
 -------
@@ -56,12 +56,14 @@ from typing import Any
 
 from actstore import spec as _spec
 from actstore.edits.ops import get_kind
-from actstore.edits.positions import SELECTORS
+from actstore.edits.positions import POLICIES, parse_edit_positions
+from actstore.edits.subset import check_predicate
 from actstore.errors import SpecError
+from actstore.ingest.logit_metrics import MetricSpec
 
 __all__ = ["EditOp", "EditSpec"]
 
-_NAME_RE = re.compile(r"[A-Za-z0-9_.\-]+")
+_NAME_RE = re.compile(r"[A-Za-z0-9_.\-][A-Za-z0-9_.\-@=,]*")
 _COMMON = ("kind", "hook", "positions")
 _PATH_FIELDS = ("file", "sae_path")
 
@@ -88,7 +90,10 @@ class EditOp:
     positions: str = "all"
     """Which tokens change: ``all``; ``prompt`` (prompt tokens); ``completion`` (generated
     tokens: the decoding steps during generation, the completion tokens of a capture);
-    ``last`` (the last prompt token)."""
+    ``last`` (the last prompt token, no generated one); ``after:TEXT`` (every token after
+    the first match of TEXT, generated ones included); ``span:TEXT`` (prompt tokens
+    overlapping TEXT); ``offset:-N`` (prompt token ``n - N``). See
+    :mod:`actstore.edits.positions` for the table."""
     direction: str | None = None
     """A direction in the store (``ablate_direction``, ``steer``)."""
     directions: Sequence[str] | None = None
@@ -130,10 +135,12 @@ class EditOp:
                 )
         if self.hook is not None and (not isinstance(self.hook, str) or not self.hook):
             raise SpecError(f"{where}: hook must be a hook name, got {self.hook!r}")
-        if self.positions not in SELECTORS:
+        try:
+            parse_edit_positions(self.positions)
+        except (SpecError, TypeError):
             raise SpecError(
-                f"{where}: positions {self.positions!r} is not one of {', '.join(SELECTORS)}"
-            )
+                f"{where}: positions {self.positions!r} is not one of {', '.join(POLICIES)}"
+            ) from None
         for name in ("alpha", "value"):
             v = getattr(self, name)
             if v is not None and (
@@ -191,6 +198,16 @@ class EditSpec:
     """The ops, applied in order (an empty list is the no-op control)."""
     description: str | None = None
     """Free text, kept with the spec."""
+    where: str | None = None
+    """A SQL predicate over the prompt labels (``"NOT triggered"``): the edited run holds
+    only these prompts; the unedited parent supplies the rest (:mod:`actstore.edits.subset`)."""
+    metrics: Sequence[MetricSpec] = field(default_factory=tuple)
+    """Logit metrics measured in the edited runs' capture pass, beside the job's own
+    (``[[metrics]]``, :mod:`actstore.ingest.logit_metrics`)."""
+    sweep: str | None = None
+    """The sweep this edit is one setting of (set by :mod:`actstore.edits.sweep`)."""
+    setting: dict[str, Any] | None = None
+    """Its values of the swept fields, e.g. ``{"alpha": 0.5}`` (set with ``sweep``)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME_RE.fullmatch(self.name):
@@ -209,6 +226,19 @@ class EditSpec:
                 raise SpecError(f"edit {self.name!r} ops[{i}]: expected an op table, got {op!r}")
             converted.append(op)
         object.__setattr__(self, "ops", tuple(converted))
+        if self.where is not None:
+            try:
+                check_predicate(self.where)
+            except SpecError as e:
+                raise SpecError(f"edit {self.name!r}: {e}") from None
+        metrics = []
+        for m in self.metrics:
+            metrics.append(MetricSpec.from_dict(m) if isinstance(m, Mapping) else m)
+            if not isinstance(metrics[-1], MetricSpec):
+                raise SpecError(f"edit {self.name!r}: metrics must be [[metrics]] tables")
+        object.__setattr__(self, "metrics", tuple(metrics))
+        if (self.sweep is None) != (self.setting is None):
+            raise SpecError(f"edit {self.name!r}: sweep and setting are set together, by a sweep")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], base_dir: str | Path | None = None) -> EditSpec:
@@ -219,7 +249,7 @@ class EditSpec:
         >>> EditSpec.from_dict({"name": "e", "opz": []})
         Traceback (most recent call last):
         ...
-        actstore.errors.SpecError: edit: unknown key 'opz'; valid keys: name, ops, description
+        actstore.errors.SpecError: edit: unknown key 'opz'; valid keys: name, ops, description, where, metrics, sweep, setting
         """
         if isinstance(data, Mapping) and isinstance(data.get("ops"), list | tuple):
             name = data.get("name")
@@ -257,7 +287,10 @@ class EditSpec:
         >>> EditSpec(name="noop").to_dict()
         {'name': 'noop', 'ops': []}
         """
-        return _spec.to_dict(self)
+        d = _spec.to_dict(self)
+        if not d.get("metrics"):  # as before metrics existed: same spec, same hash
+            d.pop("metrics", None)
+        return d
 
     def to_toml(self) -> str:
         """The spec as the text of an edit file.
@@ -282,12 +315,15 @@ class EditSpec:
                 return "[" + ", ".join(value(x) for x in v) + "]"
             if isinstance(v, str):
                 return json.dumps(v)
+            if isinstance(v, Mapping):
+                return "{" + ", ".join(f"{json.dumps(k)} = {value(x)}" for k, x in v.items()) + "}"
             return repr(v)
 
         d = self.to_dict()
-        lines = [f"{k} = {value(v)}" for k, v in d.items() if k != "ops"]
-        for op in d["ops"]:
-            lines += ["", "[[ops]]", *(f"{k} = {value(v)}" for k, v in op.items())]
+        lines = [f"{k} = {value(v)}" for k, v in d.items() if k not in ("ops", "metrics")]
+        for table in ("ops", "metrics"):
+            for entry in d.get(table, []):
+                lines += ["", f"[[{table}]]", *(f"{k} = {value(v)}" for k, v in entry.items())]
         return "\n".join(lines) + "\n"
 
     def hash(self) -> str:

@@ -49,6 +49,7 @@ from typing import Any, Literal
 
 from actstore.errors import SpecError
 from actstore.ingest.generate import GenerateSpec
+from actstore.ingest.logit_metrics import MetricSpec
 from actstore.ingest.saes import SAESpec
 from actstore.ingest.scorers import ScorerSpec
 from actstore.spec import from_dict, load_toml, to_dict
@@ -161,6 +162,8 @@ class IngestJob:
     saes: tuple[SAESpec, ...] = ()
     generate: GenerateSpec | None = None
     scorers: tuple[ScorerSpec, ...] = ()
+    metrics: tuple[MetricSpec, ...] = ()
+    """Logit metrics computed in the capture's forward pass (:mod:`actstore.ingest.logit_metrics`)."""
 
     def __post_init__(self) -> None:
         if not self.prompts:

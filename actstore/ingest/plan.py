@@ -80,6 +80,39 @@ def _check_store_path(path: str) -> None:
         )
 
 
+def _check_labels(job: IngestJob, sets: list[PromptSet]) -> None:
+    """Every label column a ``match`` scorer reads exists in every prompt set."""
+    for s in job.scorers:
+        for ps in sets:
+            if s.match is not None and s.match not in ps.table.column_names[1:]:
+                raise InputError(
+                    f"[[scorers]] {s.name!r}: match = {s.match!r} is not a label of prompt set "
+                    f"{ps.spec.name!r}; its labels are {ps.table.column_names[1:]}"
+                )
+    check_metric_labels(job.metrics, sets)
+
+
+def check_metric_labels(metrics: Any, sets: list[PromptSet]) -> None:
+    """Every label column a logit metric reads exists in every prompt set.
+
+    Example
+    -------
+    >>> check_metric_labels([], [])
+    """
+    names = [m.name for m in metrics]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise InputError(f"[[metrics]] names {dup} appear more than once; each must be unique")
+    for m in metrics:
+        for ps in sets:
+            for c in m.columns:
+                if c not in ps.table.column_names[1:]:
+                    raise InputError(
+                        f"[[metrics]] {m.name!r}: label column {c!r} is not in prompt set "
+                        f"{ps.spec.name!r}; its labels are {ps.table.column_names[1:]}"
+                    )
+
+
 def plan(job: IngestJob) -> Plan:
     """Check everything about a job before any work; return what the run needs.
 
@@ -155,6 +188,7 @@ def plan(job: IngestJob) -> Plan:
             tokenizer, texts, max_length=job.capture.max_length, truncation=job.capture.truncation
         )
         sets.append(PromptSet(ps, table, objects.table_hash(table), toks))
+    _check_labels(job, sets)
     saes = []
     for s in job.saes:
         loaded = load_sae(s, device)

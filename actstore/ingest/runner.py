@@ -41,7 +41,7 @@ import actstore
 from actstore.ingest import positions as _pos
 from actstore.ingest.batches import BackgroundWriter, pad_batch, token_table
 from actstore.ingest.generate import generate, generations_table
-from actstore.ingest.hooks import run_capture
+from actstore.ingest.hooks import capture, run_capture
 from actstore.ingest.job import IngestJob
 from actstore.ingest.models import (
     library_versions,
@@ -70,6 +70,8 @@ class BatchContext:
     """Column of each prompt's first token in the padded batch."""
     phase: str
     """``generate`` or ``capture``."""
+    tokenizer: Any = None
+    """The tokenizer, for edit positions that match text (``after:TEXT``, ``span:TEXT``)."""
 
 
 Intervention = Callable[[Any, BatchContext], AbstractContextManager[Any]]
@@ -83,6 +85,10 @@ class EditContext:
     edit_id: int
     intervention: Intervention
     spec_hash: str
+    metrics: tuple[Any, ...] = ()
+    """The edit's own logit metrics (:class:`~actstore.ingest.logit_metrics.MetricSpec`)."""
+    prompts: Callable[[pa.Table], list[int]] | None = None
+    """The prompts the edited run holds (``prompt_idx``), chosen from the prompt table; None: all."""
 
 
 @dataclass
@@ -130,6 +136,14 @@ class IngestSummary:
         )
 
 
+_NEW_KEYS = ("match", "mode")
+"""Scorer fields added later: left out of the job hash while unset (old runs still resume)."""
+
+
+def _metrics(p: Plan, edit: EditContext | None) -> tuple[Any, ...]:
+    return (*p.job.metrics, *(edit.metrics if edit else ()))
+
+
 def _job_hash(p: Plan, weights: str, ps: PromptSet, edit: EditContext | None) -> str:
     cap = p.job.capture
     body = {
@@ -148,9 +162,17 @@ def _job_hash(p: Plan, weights: str, ps: PromptSet, edit: EditContext | None) ->
         "quantization": p.job.model.quantization,
         "saes": [s.weights_hash for s in p.saes],
         "generate": dataclasses.asdict(p.job.generate) if p.job.generate else None,
-        "scorers": [dataclasses.asdict(s) for s in p.job.scorers],
+        "scorers": [
+            {k: v for k, v in dataclasses.asdict(s).items() if v is not None or k not in _NEW_KEYS}
+            for s in p.job.scorers
+        ],
         "edit": edit.spec_hash if edit else None,
     }
+    metrics = _metrics(p, edit)
+    if metrics:  # only then, so runs made before metrics existed keep their hash
+        body["metrics"] = [m.to_dict() for m in metrics]
+    if edit is not None and edit.prompts is not None:
+        body["prompts_kept"] = edit.prompts(ps.table)
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
@@ -167,6 +189,32 @@ def _progress(total: int, desc: str, quiet: bool) -> Any:
         file=sys.stderr,
         dynamic_ncols=True,
     )
+
+
+def _with_metrics(
+    scores_t: pa.Table | None,
+    metrics: tuple[Any, ...],
+    tok: Any,
+    batch: list[Any],
+    ps: PromptSet,
+    logits_BSV: torch.Tensor,
+    offs: torch.Tensor,
+) -> pa.Table:
+    """The batch's scores with its logit metrics added (computed from the capture's logits)."""
+    from actstore.ingest.logit_metrics import batch_scores, resolve_targets
+
+    targets = resolve_targets(
+        metrics, tok, [(tp.prompt_idx, tp.text, tp.ids) for tp in batch], ps.table
+    )
+    got = batch_scores(
+        metrics,
+        logits_BSV,
+        offs.tolist(),
+        [tp.n_prompt for tp in batch],
+        [tp.prompt_idx for tp in batch],
+        targets,
+    )
+    return got if scores_t is None else pa.concat_tables([scores_t, got])
 
 
 def _ingest_run(
@@ -190,6 +238,10 @@ def _ingest_run(
         path=ps.spec.path,
         content_hash=ps.hash,
     )
+    if edit is not None and edit.prompts is not None:  # an edit on a subset of the prompts
+        keep = set(edit.prompts(ps.table))
+        ps = dataclasses.replace(ps, tokenized=[tp for tp in ps.tokenized if tp.prompt_idx in keep])
+    metrics = _metrics(p, edit)
     widths = dict(p.widths)
     if any(w < 0 for w in widths.values()):  # module: hooks: measure on one prompt
         ids = torch.tensor([ps.tokenized[0].ids], device=p.device)
@@ -313,6 +365,7 @@ def _ingest_run(
                     [tp.n_prompt for tp in batch],
                     offs.tolist(),
                     "generate",
+                    tok,
                 )
                 with edit.intervention(ck.model, ctx) if edit else nullcontext():
                     gens = generate(
@@ -327,7 +380,7 @@ def _ingest_run(
                 gens_t = generations_table(gens)
                 if scorers:
                     scores_t = score_generations(
-                        scorers, gens, {tp.prompt_idx: tp.text for tp in batch}
+                        scorers, gens, {tp.prompt_idx: tp.text for tp in batch}, ps.table
                     )
                 if "completion" in cap.positions:
                     first_sample = {g.prompt_idx: g.token_ids for g in gens if g.sample_idx == 0}
@@ -348,14 +401,23 @@ def _ingest_run(
                 [tp.n_prompt for tp in batch],
                 offs.tolist(),
                 "capture",
+                tok,
             )
             with (
                 torch.inference_mode(),
                 edit.intervention(ck.model, ctx) if edit else nullcontext(),
             ):
-                acts = run_capture(
-                    ck.model, p.hooks, input_ids=ids, attention_mask=mask, position_ids=pos
-                )
+                if metrics:  # the whole forward pass: its logits give the metrics
+                    with capture(ck.model, p.hooks) as hooked:
+                        logits = ck.model(
+                            input_ids=ids, attention_mask=mask, position_ids=pos
+                        ).logits
+                    acts = {h: hooked[h] for h in p.hooks}
+                    scores_t = _with_metrics(scores_t, metrics, tok, batch, ps, logits, offs)
+                else:
+                    acts = run_capture(
+                        ck.model, p.hooks, input_ids=ids, attention_mask=mask, position_ids=pos
+                    )
                 rows_ND = {h: a[stored] for h, a in acts.items()}
                 features = {}
                 for s in p.saes:
@@ -403,7 +465,7 @@ def run_job(
     job: IngestJob | str | os.PathLike[str],
     *,
     quiet: bool | None = None,
-    edit: EditContext | None = None,
+    edit: EditContext | list[EditContext] | None = None,
     shard: str | tuple[int, int] | Shard | None = None,
     **overrides: Any,
 ) -> IngestSummary:
@@ -421,6 +483,7 @@ def run_job(
     edit
         Apply an edit while running (``actstore.edits`` builds this); the runs are
         named ``{checkpoint}/{prompts}+{edit}`` and linked to the unedited runs.
+        A list (a sweep's settings) runs every edit with each checkpoint loaded once.
     shard
         Run only shard ``i`` of ``N`` (``"i/N"`` or ``(i, N)``): whole batches, into
         the store ``{store}.shard-i-of-N`` unless ``store=`` is given; combine the
@@ -479,8 +542,9 @@ def run_job(
             revision=rev,
             weights_hash=ck.weights_hash,
         )
-        for ps in p.prompt_sets:
-            summary.runs.append(_ingest_run(st, p, ck, ps, cid, quiet, edit, sh))
+        for e in edit if isinstance(edit, list) else [edit]:  # a sweep: one load, k runs
+            for ps in p.prompt_sets:
+                summary.runs.append(_ingest_run(st, p, ck, ps, cid, quiet, e, sh))
         del ck
     summary.seconds = time.monotonic() - t0
     return summary

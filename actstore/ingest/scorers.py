@@ -4,10 +4,13 @@ A scorer maps (prompt, completion) pairs to ``(value, flag)``: a number, and for
 behaviour scorers a yes/no. Scores are stored in the ``scores`` table, keyed by
 (run, prompt, sample, scorer), so SQL can join them to activations
 (``WHERE flag``, ``corr(value, ...)``). An ingest job lists scorers as
-``[[scorers]]`` tables (:class:`ScorerSpec`); two kinds exist:
+``[[scorers]]`` tables (:class:`ScorerSpec`); three kinds exist:
 
 - ``regex``: ``flag`` is whether ``re.search(regex, completion)`` matches;
   ``value`` is 1.0 or 0.0. Python ``re`` syntax; inline flags such as ``(?i)`` work.
+- ``match``: ``flag`` is whether the completion gives the answer held in a prompt
+  label column (``match = "answer"``; ``mode`` exact, prefix or regex), see
+  :mod:`actstore.ingest.label_match`: clean-answer accuracy;
 - ``reward_model``: a Hugging Face ``AutoModelForSequenceClassification`` (a local
   directory or a hub id) reads ``prompt + completion`` (or both as a chat, with
   ``chat_template = true``); ``value`` is the logit of one label; ``flag`` is
@@ -66,11 +69,12 @@ SCORES_SCHEMA = pa.schema(
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _REWARD_ONLY = ("label", "revision", "dtype", "threshold", "chat_template")
+_KINDS = ("regex", "reward_model", "match")
 
 
 @dataclass(frozen=True, slots=True)
 class ScorerSpec:
-    """One scorer: a ``[[scorers]]`` table of an ingest job. Give ``regex`` or ``reward_model``.
+    """One scorer: a ``[[scorers]]`` table of an ingest job. Give ``regex``, ``reward_model`` or ``match``.
 
     Example
     -------
@@ -79,7 +83,7 @@ class ScorerSpec:
     >>> ScorerSpec.from_dict({"name": "rm", "reward_model": "my/rm", "labels": 1})
     Traceback (most recent call last):
     ...
-    actstore.errors.SpecError: [[scorers]]: unknown key 'labels'; valid keys: name, regex, reward_model, label, revision, dtype, threshold, chat_template, batch_size
+    actstore.errors.SpecError: [[scorers]]: unknown key 'labels'; valid keys: name, regex, reward_model, label, revision, dtype, threshold, chat_template, batch_size, match, mode
     """
 
     name: str
@@ -102,16 +106,31 @@ class ScorerSpec:
     model's chat template (completion stripped), instead of concatenating them."""
     batch_size: int = 16
     """(prompt, completion) pairs per reward-model forward pass."""
+    match: str | None = None
+    """A prompt label column holding the right answer: flag completions that give it."""
+    mode: str | None = None
+    """How ``match`` compares: ``exact`` (the default), ``prefix`` or ``regex`` (the label
+    is a pattern)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise SpecError(f"[[scorers]]: name must be a non-empty string, got {self.name!r}")
         where = f"[[scorers]] {self.name!r}"
-        if (self.regex is None) == (self.reward_model is None):
+        given_kinds = [k for k in _KINDS if getattr(self, k) is not None]
+        if len(given_kinds) != 1:
             raise SpecError(
-                f"{where}: give exactly one of `regex` or `reward_model`, "
-                f"not {'both' if self.regex is not None else 'neither'}"
+                f"{where}: give exactly one of `regex`, `reward_model` or `match`, "
+                f"not {'both' if given_kinds else 'neither'}"
             )
+        if self.mode is not None and self.match is None:
+            raise SpecError(f"{where}: mode applies to `match` scorers only")
+        if self.match is not None:
+            from actstore.ingest.label_match import MATCH_MODES
+
+            if not isinstance(self.match, str) or not self.match:
+                raise SpecError(f"{where}: match must name a prompt label column")
+            if self.mode is not None and self.mode not in MATCH_MODES:
+                raise SpecError(f"{where}: mode {self.mode!r} is not one of {list(MATCH_MODES)}")
         if self.regex is not None:
             if not isinstance(self.regex, str):
                 raise SpecError(f"{where}: regex must be a string, got {self.regex!r}")
@@ -119,6 +138,7 @@ class ScorerSpec:
                 re.compile(self.regex)
             except re.error as e:
                 raise SpecError(f"{where}: regex {self.regex!r} does not compile: {e}") from e
+        if self.regex is not None or self.match is not None:
             defaults = {f.name: f.default for f in fields(self)}
             given = [k for k in _REWARD_ONLY if getattr(self, k) != defaults[k]]
             if given:
@@ -138,14 +158,14 @@ class ScorerSpec:
 
     @property
     def kind(self) -> str:
-        """``"regex"`` or ``"reward_model"``.
+        """``"regex"``, ``"reward_model"`` or ``"match"``.
 
         Example
         -------
         >>> ScorerSpec(name="rm", reward_model="my/rm").kind
         'reward_model'
         """
-        return "regex" if self.regex is not None else "reward_model"
+        return next(k for k in _KINDS if getattr(self, k) is not None)
 
     def to_dict(self) -> dict[str, Any]:
         """The set fields (None dropped), TOML/JSON-ready.
@@ -392,7 +412,8 @@ def load_scorer(spec: ScorerSpec, device: str | torch.device = "cpu") -> Scorer:
     Returns
     -------
     Scorer
-        A :class:`RegexScorer` or a :class:`RewardModelScorer`.
+        A :class:`RegexScorer`, a :class:`RewardModelScorer` or a
+        :class:`~actstore.ingest.label_match.MatchScorer`.
 
     Example
     -------
@@ -401,6 +422,10 @@ def load_scorer(spec: ScorerSpec, device: str | torch.device = "cpu") -> Scorer:
     """
     if spec.regex is not None:
         return RegexScorer(spec.name, re.compile(spec.regex))
+    if spec.match is not None:
+        from actstore.ingest.label_match import MatchScorer
+
+        return MatchScorer(spec.name, spec.match, spec.mode or "exact")
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     assert spec.reward_model is not None
@@ -465,6 +490,7 @@ def score_generations(
     scorers: Sequence[Scorer],
     generations: Sequence[Generation],
     prompts: Mapping[int, str] | None = None,
+    labels: pa.Table | None = None,
 ) -> pa.Table:
     """Score generations with every scorer; rows for the ``scores`` table.
 
@@ -478,6 +504,9 @@ def score_generations(
         Prompt text by ``prompt_idx``, shown to the scorers instead of each
         generation's ``prompt`` (e.g. the raw user prompt rather than the
         chat-formatted text the model was given).
+    labels
+        The prompt set's table (row ``i`` is ``prompt_idx`` ``i``), for ``match``
+        scorers, which read their label column from it.
 
     Returns
     -------
@@ -503,5 +532,19 @@ def score_generations(
             raise InputError(f"score_generations: no prompt text for prompt_idx {missing[:10]}")
         texts_in = [prompts[g.prompt_idx] for g in generations]
     completions = [g.text for g in generations]
-    tables = [scores_table(generations, s.name, s.score(texts_in, completions)) for s in scorers]
+    tables = []
+    for s in scorers:
+        column = getattr(s, "column", None)
+        if column is None or not hasattr(s, "score_against"):
+            tables.append(scores_table(generations, s.name, s.score(texts_in, completions)))
+            continue
+        if labels is None or column not in labels.column_names:
+            have = [] if labels is None else labels.column_names[1:]
+            raise InputError(
+                f"scorer {s.name!r} matches the prompt label {column!r}, which the prompt set "
+                f"does not have; its labels are {have}"
+            )
+        values = labels.column(column).to_pylist()
+        answers = [values[g.prompt_idx] for g in generations]
+        tables.append(scores_table(generations, s.name, s.score_against(answers, completions)))
     return pa.concat_tables(tables) if tables else SCORES_SCHEMA.empty_table()

@@ -15,6 +15,11 @@ Views:
 ``labeled_tokens``
     every token joined to its run and its prompt's text and label columns,
     so ``WHERE triggered AND position_role = 'last'`` works.
+``labeled_generations``
+    every completion with its run, checkpoint label, edit name, its prompt's
+    text (``prompt``) and labels, and every score of it as ``score_{scorer}``
+    and ``flag_{scorer}`` (per-prompt scores such as losses and logit metrics
+    have ``sample_idx`` 0), so behaviour by label is one ``GROUP BY``.
 
 Other packages add macros and functions with :func:`register_extension`
 (``actstore.queries`` adds the named queries and array functions).
@@ -65,6 +70,38 @@ def register_extension(fn: SessionExtension) -> SessionExtension:
     if fn not in _EXTENSIONS:
         _EXTENSIONS.append(fn)
     return fn
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _labeled_generations(con: duckdb.DuckDBPyConnection) -> str:
+    """The ``labeled_generations`` view's SQL: one pivoted score column pair per scorer."""
+    scorers = [
+        str(r[0])
+        for r in con.execute("SELECT DISTINCT scorer FROM cat.main.scores ORDER BY 1").fetchall()
+    ]
+    pivot = "".join(
+        f", max(value) FILTER (WHERE scorer = '{n.replace(chr(39), chr(39) * 2)}') AS "
+        f"{_ident('score_' + n)}, bool_or(flag) FILTER (WHERE scorer = "
+        f"'{n.replace(chr(39), chr(39) * 2)}') AS {_ident('flag_' + n)}"
+        for n in scorers
+    )
+    picked = "".join(f", sc.{_ident('score_' + n)}, sc.{_ident('flag_' + n)}" for n in scorers)
+    return f"""SELECT g.run_id, r.name AS run, c.label AS checkpoint, e.name AS edit,
+               g.prompt_idx, g.sample_idx, p.text AS prompt, g.text, g.token_ids, g.n_tokens,
+               p.* EXCLUDE (prompt_set_id, prompt_idx, text){picked}
+        FROM cat.main.generations g
+        JOIN cat.main.runs r USING (run_id)
+        LEFT JOIN cat.main.checkpoints c ON c.checkpoint_id = r.checkpoint_id
+        LEFT JOIN cat.main.edits e ON e.edit_id = r.edit_id
+        LEFT JOIN cat.main.prompts p
+          ON p.prompt_set_id = r.prompt_set_id AND p.prompt_idx = g.prompt_idx
+        LEFT JOIN (SELECT run_id, prompt_idx, sample_idx{pivot} FROM cat.main.scores
+                   GROUP BY ALL) sc
+          ON sc.run_id = g.run_id AND sc.prompt_idx = g.prompt_idx
+         AND sc.sample_idx = g.sample_idx"""
 
 
 class Session:
@@ -139,6 +176,7 @@ class Session:
             LEFT JOIN cat.main.prompts p
               ON p.prompt_set_id = r.prompt_set_id AND p.prompt_idx = t.prompt_idx"""
         )
+        con.execute(f"CREATE OR REPLACE VIEW labeled_generations AS {_labeled_generations(con)}")
         if not self._extended:
             for ext in _EXTENSIONS:
                 ext(con, self.store)

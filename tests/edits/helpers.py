@@ -102,6 +102,7 @@ def batch_context(
     side: str = "right",
     phase: str = "capture",
     n_prompt: list[int] | None = None,
+    tokenizer: Any = None,
 ) -> BatchContext:
     """A BatchContext for token id lists padded on ``side`` (pad id 0)."""
     n_cols = max(len(p) for p in prompts)
@@ -123,6 +124,7 @@ def batch_context(
         n_prompt or [len(p) for p in prompts],
         offsets,
         phase,
+        tokenizer,
     )
 
 

@@ -94,12 +94,33 @@ def test_edit_without_context_treats_each_pass_as_whole_prompts(model, store, ed
     np.testing.assert_array_equal(after[0, :-1], before[0, :-1])
 
 
-@pytest.mark.parametrize("positions", ["all", "prompt", "completion", "last"])
+POLICIES = ["all", "prompt", "completion", "last", "after:the", "span:the", "offset:-2"]
+
+
+def _wanted(policy: str, words: list[str], pos: int, n: int) -> bool:
+    """Whether ``policy`` picks position ``pos`` of a prompt ``<bos> + words`` (n tokens),
+    computed from the words: the reference for the position policies."""
+    if pos < 0:
+        return False
+    first = 1 + words.index("the") if "the" in words else None
+    return {
+        "all": True,
+        "prompt": pos < n,
+        "completion": pos >= n,
+        "last": pos == n - 1,
+        "offset:-2": pos == n - 2,
+        "after:the": first is not None and pos > first,
+        "span:the": 1 <= pos < n and words[pos - 1] == "the",
+    }[policy]
+
+
+@pytest.mark.parametrize("positions", POLICIES)
 def test_positions_during_generation(model, store, edit_env, positions):
     """Prefill: the left-padded prompt; then one decoding step per generated token."""
     v = edit_env["vectors"]["dir_a"]
     prompts = tokenize(TEXTS)
-    ctx = batch_context(prompts, side="left", phase="generate")
+    tok = tiny_tokenizer()
+    ctx = batch_context(prompts, side="left", phase="generate", tokenizer=tok)
     spec = _spec({"kind": "steer", "direction": "dir_a", "alpha": 2.0, "positions": positions})
     gen = GenerateSpec(max_new_tokens=3, do_sample=True, num_samples=2, seed=1)
     with (
@@ -107,34 +128,35 @@ def test_positions_during_generation(model, store, edit_env, positions):
         apply_edit(model, store, spec, ctx),
         recorder(model, HOOK) as post,
     ):
-        generate(model, tiny_tokenizer(), prompts, gen, batch_size=len(prompts))
+        generate(model, tok, prompts, gen, batch_size=len(prompts))
     n_cols = max(len(p) for p in prompts)
     assert [tuple(p.shape[:2]) for p in pre] == [(6, n_cols), (6, 1), (6, 1)]
+    touched = 0
     for step, (a, b) in enumerate(zip(pre, post, strict=True)):
         delta = (b - a).numpy()
         changed = np.abs(delta).sum(-1) > 0
         want = np.zeros(changed.shape, bool)
-        if step == 0:
-            real = ctx.attention_mask.bool().numpy().repeat(2, axis=0)
-            if positions in ("all", "prompt"):
-                want = real
-            elif positions == "last":
-                want[:, -1] = True
-        elif positions in ("all", "completion"):
-            want[:] = True
-        np.testing.assert_array_equal(changed, want)
+        for row in range(changed.shape[0]):
+            words, n = TEXTS[row // 2].split(), len(prompts[row // 2])
+            for col in range(changed.shape[1]):
+                pos = col - (n_cols - n) if step == 0 else n + step - 1
+                want[row, col] = _wanted(positions, words, pos, n)
+        np.testing.assert_array_equal(changed, want, err_msg=f"step {step}")
         np.testing.assert_allclose(
             delta[want], np.broadcast_to(2.0 * v, (want.sum(), 32)), atol=1e-5
         )
+        touched += int(want[:, :].sum()) if step else 0
+    # `last`, `prompt`, `span:` and `offset:` never touch a generated token
+    assert (touched == 0) == (positions not in ("all", "completion", "after:the"))
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize("positions", ["prompt", "completion", "last"])
+@pytest.mark.parametrize("positions", POLICIES)
 def test_positions_during_capture(model, store, edit_env, side, positions):
     """A capture pass over prompt + completion tokens, padded on either side."""
     seqs = tokenize(TEXTS)
     n_prompt = [len(s) - 2 for s in seqs]  # the last two tokens play the completion
-    ctx = batch_context(seqs, side=side, n_prompt=n_prompt)
+    ctx = batch_context(seqs, side=side, n_prompt=n_prompt, tokenizer=tiny_tokenizer())
     spec = _spec({"kind": "steer", "direction": "dir_a", "positions": positions})
     with (
         recorder(model, HOOK) as pre,
@@ -145,10 +167,22 @@ def test_positions_during_capture(model, store, edit_env, side, positions):
     changed = (post[0] - pre[0]).abs().sum(-1).numpy() > 0
     for b, (seq, n) in enumerate(zip(seqs, n_prompt, strict=True)):
         off = ctx.offsets[b]
+        words = TEXTS[b].split()[: n - 1]  # the prompt's words
         pos = np.arange(ctx.input_ids.shape[1]) - off
-        real = (pos >= 0) & (pos < len(seq))
-        want = {"prompt": real & (pos < n), "completion": real & (pos >= n), "last": pos == n - 1}
-        np.testing.assert_array_equal(changed[b], want[positions])
+        want = [(0 <= p < len(seq)) and _wanted(positions, words, int(p), n) for p in pos]
+        np.testing.assert_array_equal(changed[b], want)
+
+
+def test_text_positions_need_the_tokenizer(model, store):
+    ctx = batch_context(tokenize(TEXTS))
+    spec = _spec({"kind": "steer", "direction": "dir_a", "positions": "after:the"})
+    with (
+        pytest.raises(
+            InputError, match=r"positions 'after:the' match text, which needs the tokenizer"
+        ),
+        apply_edit(model, store, spec, ctx),
+    ):
+        model(**_inputs(ctx))
 
 
 def test_patch_errors_name_the_position_and_token(model, store):

@@ -25,8 +25,10 @@ COLUMNS = [
     "n_clean",
     "rate_clean",
     "reward",
+    "accuracy_clean",
     "loss_clean",
     "kl_clean",
+    "loss_prompt_clean",
 ]
 
 
@@ -81,6 +83,8 @@ def test_evaluate_matches_a_direct_computation(store_copy):
 
 
 def test_loss_and_kl_match_torch(edit_env, store_copy, model):
+    """loss/kl: over the positions predicting the reference (the unedited run's completion);
+    loss_prompt/kl_prompt: over the prompt's own next-token predictions."""
     st = store_copy
     alpha, v = 3.0, torch.tensor(edit_env["vectors"]["dir_b"], dtype=torch.float32)
     run = _edit(
@@ -92,37 +96,63 @@ def test_loss_and_kl_match_torch(edit_env, store_copy, model):
     base = measure_loss_kl(st, "base/pairs").arrow().to_pylist()
     texts = dict(st.sql("SELECT prompt_idx, text FROM prompts WHERE NOT triggered").fetchall())
     assert [r["prompt_idx"] for r in got] == sorted(texts) == [r["prompt_idx"] for r in base]
+    completion = dict(
+        st.sql(
+            "SELECT prompt_idx, token_ids FROM generations WHERE run_id = ? AND sample_idx = 0",
+            [st.run_id("base/pairs")],
+        ).fetchall()
+    )
     tok = tiny_tokenizer()
+    n_with_reference = 0
     for r, b in zip(got, base, strict=True):
-        ids = torch.tensor([tok(texts[r["prompt_idx"]])["input_ids"]])
+        prompt = tok(texts[r["prompt_idx"]])["input_ids"]
+        ref = list(completion[r["prompt_idx"]])
+        n = len(prompt)
+        ids = torch.tensor([prompt + ref])
+        assert (r["reference"], r["n_prompt"], r["n_reference"]) == ("completion", n, len(ref))
         with torch.no_grad():
             plain = model(ids).logits[0]
             with intervene(model, {HOOK: lambda _n, a: a + alpha * v}):
                 steered = model(ids).logits[0]
-        loss = F.cross_entropy(steered[:-1], ids[0, 1:])
-        kl = (
-            F.kl_div(
-                steered.log_softmax(-1), plain.log_softmax(-1), log_target=True, reduction="none"
-            )
-            .sum(-1)
-            .mean()
+        kl_S = F.kl_div(
+            steered.log_softmax(-1), plain.log_softmax(-1), log_target=True, reduction="none"
+        ).sum(-1)
+        total = len(prompt) + len(ref)
+        target = ids[0, 1:]
+        assert r["loss_prompt"] == pytest.approx(
+            float(F.cross_entropy(steered[: n - 1], target[: n - 1])), abs=1e-5
         )
-        assert r["loss"] == pytest.approx(float(loss), abs=1e-5)
-        assert r["kl"] == pytest.approx(float(kl), abs=1e-6) and r["kl"] > 1e-4
-        assert b["loss"] == pytest.approx(float(F.cross_entropy(plain[:-1], ids[0, 1:])), abs=1e-5)
-        assert b["kl"] is None
+        assert r["kl_prompt"] == pytest.approx(float(kl_S[: n - 1].mean()), abs=1e-6)
+        assert b["loss_prompt"] == pytest.approx(
+            float(F.cross_entropy(plain[: n - 1], target[: n - 1])), abs=1e-5
+        )
+        if ref:
+            n_with_reference += 1
+            cont = slice(n - 1, total - 1)
+            assert r["loss"] == pytest.approx(
+                float(F.cross_entropy(steered[cont], target[cont])), abs=1e-5
+            )
+            assert r["kl"] == pytest.approx(float(kl_S[cont].mean()), abs=1e-6) and r["kl"] > 1e-4
+            assert b["loss"] == pytest.approx(
+                float(F.cross_entropy(plain[cont], target[cont])), abs=1e-5
+            )
+        assert b["kl"] is None and b["kl_prompt"] is None
+    assert n_with_reference >= 2
     stored = st.sql(
         "SELECT prompt_idx, scorer, value FROM scores WHERE run_id = ? ORDER BY scorer, prompt_idx",
         [st.run_id(run)],
     ).fetchall()
-    assert [(i, s) for i, s, _ in stored] == [(r["prompt_idx"], "kl") for r in got] + [
-        (r["prompt_idx"], "loss") for r in got
-    ]
-    assert [v for _, _, v in stored] == [r["kl"] for r in got] + [r["loss"] for r in got]
+    want = sorted(
+        (r["prompt_idx"], key, r[key])
+        for r in got
+        for key in ("loss", "kl", "loss_prompt", "kl_prompt")
+        if r[key] is not None
+    )
+    assert sorted(stored) == want
     # measuring again replaces, not duplicates
     measure_loss_kl(st, run)
     assert st.sql("SELECT count(*) FROM scores WHERE run_id = ?", [st.run_id(run)]).fetchone() == (
-        8,
+        len(want),
     )
 
 
@@ -133,6 +163,7 @@ def test_empty_edit_has_zero_kl_and_the_parents_loss(edit_env, store_copy):
     base, noop = table
     assert noop["kl_clean"] == 0.0 and noop["edit"] == "noop" and noop["parent"] == "base/pairs"
     assert noop["loss_clean"] == pytest.approx(base["loss_clean"], abs=1e-6)
+    assert noop["loss_prompt_clean"] == pytest.approx(base["loss_prompt_clean"], abs=1e-6)
     assert base["kl_clean"] is None and base["loss_clean"] > 0
     assert noop["n_triggered"] == 0 and noop["rate_triggered"] is None  # not generated
 
@@ -165,7 +196,45 @@ def test_evaluate_and_measure_errors(store_copy):
     assert empty.num_rows == 0 and empty.column_names == [
         "run",
         "prompt_idx",
-        "n_tokens",
+        "reference",
+        "n_prompt",
+        "n_reference",
         "loss",
         "kl",
+        "loss_prompt",
+        "kl_prompt",
     ]
+
+
+def test_labeled_generations_join_labels_and_every_score(store_copy):
+    st = store_copy
+    _insert_scores(st, [(st.run_id("base/pairs"), 1, 0, "loss", 0.5, None)])
+    view = st.sql("SELECT * FROM labeled_generations ORDER BY run_id, prompt_idx").arrow()
+    gens = st.sql("SELECT run_id, prompt_idx, text FROM generations ORDER BY 1, 2").fetchall()
+    assert [(r["run_id"], r["prompt_idx"], r["text"]) for r in view.to_pylist()] == gens
+    labels = dict(st.sql("SELECT prompt_idx, triggered FROM prompts").fetchall())
+    flags = {
+        (r, i): f
+        for r, i, f in st.sql(
+            "SELECT run_id, prompt_idx, flag FROM scores WHERE scorer = 'cat'"
+        ).fetchall()
+    }
+    for r in view.to_pylist():
+        assert (
+            r["triggered"] == labels[r["prompt_idx"]] and r["checkpoint"] == r["run"].split("/")[0]
+        )
+        assert r["flag_cat"] == flags[(r["run_id"], r["prompt_idx"])] and r["edit"] is None
+        assert r["score_loss"] == (
+            0.5 if (r["run"], r["prompt_idx"]) == ("base/pairs", 1) else None
+        )
+    # behaviour by label is one GROUP BY, and equals evaluate's rates
+    by = dict(
+        st.sql(
+            "SELECT triggered, avg(flag_cat::INT) FROM labeled_generations WHERE run = 'base/pairs' "
+            "GROUP BY triggered"
+        ).fetchall()
+    )
+    row = evaluate(st, ["base/pairs"]).arrow().to_pylist()[0]
+    assert by[True] == pytest.approx(row["rate_triggered"]) and by[False] == pytest.approx(
+        row["rate_clean"]
+    )

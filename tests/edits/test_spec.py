@@ -114,7 +114,7 @@ def test_python_api_takes_lists():
                 "name": "e",
                 "ops": [{"kind": "steer", "hook": "h", "file": "f", "positions": "first"}],
             },
-            "positions 'first' is not one of all, prompt, completion, last",
+            "positions 'first' is not one of all, prompt, completion, last, after:TEXT, span:TEXT, offset:-N",
         ),
         (
             {"name": "e", "ops": [{"kind": "steer", "hook": "h", "file": "f", "alpha": "big"}]},

@@ -241,7 +241,7 @@ def test_spec_round_trip() -> None:
         ({"name": "h", "pattern": "x"}, r"unknown key 'pattern'; valid keys: name, regex"),
         ({"regex": "x"}, r"missing required key 'name'"),
         ({"name": ""}, r"name must be a non-empty string"),
-        ({"name": "h"}, r"exactly one of `regex` or `reward_model`, not neither"),
+        ({"name": "h"}, r"exactly one of `regex`, `reward_model` or `match`, not neither"),
         ({"name": "h", "regex": "x", "reward_model": "m"}, r"not both"),
         ({"name": "h", "regex": "(unclosed"}, r"regex '\(unclosed' does not compile"),
         (
