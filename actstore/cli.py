@@ -543,5 +543,10 @@ def demo(out_dir: Path, seed: int, quiet: bool | None) -> None:
     click.echo(report.text)
 
 
+from actstore.cli_sae import COMMANDS as _SAE_COMMANDS  # noqa: E402  (needs main's helpers)
+
+for _cmd in _SAE_COMMANDS:
+    main.add_command(_cmd)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

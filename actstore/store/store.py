@@ -444,6 +444,33 @@ class Store:
             lock.release()
             raise
 
+    def encode(
+        self,
+        sae: Any,
+        runs: Sequence[str | int] | None = None,
+        *,
+        name: str | None = None,
+        hook: str | None = None,
+        device: str = "cpu",
+        part_rows: int | None = None,
+    ) -> list[Any]:
+        """Encode stored rows with an SAE into the runs' feature parts (no model is loaded).
+
+        ``sae`` is a sae_lens directory, a pretrained ``release/sae_id`` or an SAE in the
+        catalog; ``runs`` default to every run storing its hook. Resumable and idempotent:
+        see :func:`actstore.ingest.encode.encode`, which this calls.
+
+        Example
+        -------
+        >>> [r.status for r in st.encode("saes/l2_resid", runs=["backdoored/pairs"])]  # doctest: +SKIP
+        ['encoded']
+        """
+        from actstore.ingest.encode import encode  # the store does not depend on ingest
+
+        return list(
+            encode(self, sae, runs, name=name, hook=hook, device=device, part_rows=part_rows)
+        )
+
     def recover(self) -> list[str]:
         """Remove what a killed writer left that no commit references; return what was removed.
 
