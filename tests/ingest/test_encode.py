@@ -283,3 +283,15 @@ def test_cli_encode(tmp_path, stores, sae_dirs):
     r = runner.invoke(main, ["encode", str(root), "--sae", str(sae_dirs["narrow"])])
     assert r.exit_code == 1 and r.output.startswith("Error: SAE 'narrow' expects d_in=16")
     assert len(r.output.strip().splitlines()) == 1
+
+
+def test_pretrained_release_offline_says_the_hub_is_unreachable(tmp_path, stores, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # fail fast, no retries
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    root = _copy(stores["float32"], tmp_path / "s")
+    before = _snapshot(root)
+    with pytest.raises(InputError, match=r"hub, which is unreachable from here"):
+        encode(actstore.open(root), "gpt2-small-res-jb/blocks.8.hook_resid_pre")
+    assert _snapshot(root) == before
