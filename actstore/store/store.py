@@ -380,6 +380,24 @@ class Store:
             vals = _access.read_rows(arr, rows, name=name)
             yield Acts(str(run), hook, rows, meta.slice(a, rows.size), vals)
 
+    def batches(self, runs: Any, hook: str, batch_size: int, **kwargs: Any) -> Iterator[Any]:
+        """Shuffled ``(batch_size, D)`` torch tensors of one hook's rows in one or several runs.
+
+        Block shuffle plus a shuffle buffer, for SAE trainers (sae_lens' ``SAETrainer``,
+        dictionary_learning, sparsify); keyword arguments (``shuffle``, ``seed``,
+        ``where``, ``dtype``, ``epochs``, ...) are those of
+        :func:`actstore.store.stream.batches`, which documents the shuffle.
+
+        Example
+        -------
+        >>> for x_BD in st.batches("backdoored/pairs", "blocks.2.hook_resid_post", 256):  # doctest: +SKIP
+        ...     print(x_BD.shape)
+        torch.Size([256, 64])
+        """
+        from actstore.store.stream import batches
+
+        return batches(self, runs, hook, batch_size, **kwargs)
+
     def info(self) -> dict[str, Any]:
         """A summary: format, runs (hooks, rows, status), prompt sets, SAEs, bytes on disk.
 
