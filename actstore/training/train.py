@@ -366,11 +366,11 @@ def _quiet(on: bool) -> Iterator[None]:
 
     real = sae_trainer.tqdm
     if on:
-        sae_trainer.tqdm = functools.partial(real, disable=True)  # type: ignore[assignment]
+        sae_trainer.tqdm = functools.partial(real, disable=True)
     try:
         yield
     finally:
-        sae_trainer.tqdm = real  # type: ignore[assignment]
+        sae_trainer.tqdm = real
 
 
 def train_sae(
