@@ -1,0 +1,25 @@
+"""Model diffing: what fine-tuning (or an edit) changed, between runs of one model family.
+
+- :func:`token_diff`: per-token KL and next-token log-prob change between two runs;
+- checkpoints made from weights (interpolations, task vectors) are built by the
+  ingest job (:mod:`actstore.ingest.derived`), so they are runs like any other.
+
+See ``docs/DIFFING.md``.
+
+Example
+-------
+>>> from actstore.diffing import token_diff
+>>> d = token_diff(st, "base/pairs", "backdoored/pairs")  # doctest: +SKIP
+"""
+
+from actstore.diffing.models import RunModel, load_checkpoint_model, run_model
+from actstore.diffing.token_diff import TokenDiff, load_token_diff, token_diff
+
+__all__ = [
+    "RunModel",
+    "TokenDiff",
+    "load_checkpoint_model",
+    "load_token_diff",
+    "run_model",
+    "token_diff",
+]
