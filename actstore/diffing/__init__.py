@@ -1,6 +1,7 @@
 """Model diffing: what fine-tuning (or an edit) changed, between runs of one model family.
 
 - :func:`token_diff`: per-token KL and next-token log-prob change between two runs;
+- :func:`adl`: the activation-difference lens, stored as steerable directions;
 - checkpoints made from weights (interpolations, task vectors) are built by the
   ingest job (:mod:`actstore.ingest.derived`), so they are runs like any other.
 
@@ -12,12 +13,15 @@ Example
 >>> d = token_diff(st, "base/pairs", "backdoored/pairs")  # doctest: +SKIP
 """
 
+from actstore.diffing.adl import ADLResult, adl
 from actstore.diffing.models import RunModel, load_checkpoint_model, run_model
 from actstore.diffing.token_diff import TokenDiff, load_token_diff, token_diff
 
 __all__ = [
+    "ADLResult",
     "RunModel",
     "TokenDiff",
+    "adl",
     "load_checkpoint_model",
     "load_token_diff",
     "run_model",
