@@ -2,6 +2,7 @@
 
 - :func:`token_diff`: per-token KL and next-token log-prob change between two runs;
 - :func:`adl`: the activation-difference lens, stored as steerable directions;
+- :func:`match_features`: decoder-cosine, one-to-one matching of two SAEs' features;
 - checkpoints made from weights (interpolations, task vectors) are built by the
   ingest job (:mod:`actstore.ingest.derived`), so they are runs like any other.
 
@@ -14,16 +15,19 @@ Example
 """
 
 from actstore.diffing.adl import ADLResult, adl
+from actstore.diffing.matching import FeatureMatch, match_features
 from actstore.diffing.models import RunModel, load_checkpoint_model, run_model
 from actstore.diffing.token_diff import TokenDiff, load_token_diff, token_diff
 
 __all__ = [
     "ADLResult",
+    "FeatureMatch",
     "RunModel",
     "TokenDiff",
     "adl",
     "load_checkpoint_model",
     "load_token_diff",
+    "match_features",
     "run_model",
     "token_diff",
 ]
