@@ -5,6 +5,7 @@
 - :func:`match_features`: decoder-cosine, one-to-one matching of two SAEs' features;
 - :func:`train_crosscoder` / :func:`store_crosscoder`: BatchTopK crosscoders over aligned runs,
   latents classified by relative decoder norm and stored as sparse features;
+- :func:`trajectory`: behaviour rate, probe AUROC, direction cosine and CKA along a series;
 - checkpoints made from weights (interpolations, task vectors) are built by the
   ingest job (:mod:`actstore.ingest.derived`), so they are runs like any other.
 
@@ -27,6 +28,7 @@ from actstore.diffing.crosscoder import (
 from actstore.diffing.matching import FeatureMatch, match_features
 from actstore.diffing.models import RunModel, load_checkpoint_model, run_model
 from actstore.diffing.token_diff import TokenDiff, load_token_diff, token_diff
+from actstore.diffing.trajectory import Trajectory, trajectory
 
 __all__ = [
     "ADLResult",
@@ -35,6 +37,7 @@ __all__ = [
     "FeatureMatch",
     "RunModel",
     "TokenDiff",
+    "Trajectory",
     "adl",
     "exclusive_latents",
     "load_checkpoint_model",
@@ -44,4 +47,5 @@ __all__ = [
     "store_crosscoder",
     "token_diff",
     "train_crosscoder",
+    "trajectory",
 ]
