@@ -543,5 +543,9 @@ def demo(out_dir: Path, seed: int, quiet: bool | None) -> None:
     click.echo(report.text)
 
 
+from actstore.cli_diff import register as _register_diffing  # noqa: E402 (needs main)
+
+_register_diffing(main)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

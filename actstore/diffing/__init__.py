@@ -18,13 +18,8 @@ Example
 """
 
 from actstore.diffing.adl import ADLResult, adl
-from actstore.diffing.crosscoder import (
-    Crosscoder,
-    CrosscoderConfig,
-    exclusive_latents,
-    store_crosscoder,
-    train_crosscoder,
-)
+from actstore.diffing.crosscoder import Crosscoder, CrosscoderConfig, train_crosscoder
+from actstore.diffing.crosscoder_store import exclusive_latents, store_crosscoder
 from actstore.diffing.matching import FeatureMatch, match_features
 from actstore.diffing.models import RunModel, load_checkpoint_model, run_model
 from actstore.diffing.token_diff import TokenDiff, load_token_diff, token_diff

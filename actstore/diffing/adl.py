@@ -91,8 +91,9 @@ def _tokenizer(store: Store, run: str) -> Any:
     ).fetchall()
     path, prov = rows[0]
     if not path:
-        recipe = json.loads(prov or "{}").get("model", {}).get("recipe") or {}
-        path = next(iter(recipe.get("sources", {}).values()), {}).get("path")
+        recipe: dict[str, Any] = json.loads(prov or "{}").get("model", {}).get("recipe") or {}
+        first: dict[str, Any] = next(iter(recipe.get("sources", {}).values()), {})
+        path = first.get("path")
     try:
         return AutoTokenizer.from_pretrained(path) if path else None
     except (OSError, ValueError):

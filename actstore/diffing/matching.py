@@ -206,7 +206,7 @@ def match_features(
     table = pa.table(
         {
             "feature_a": pa.array(np.arange(W_a.shape[0]), pa.int32()),
-            "feature_b": pa.array(np.where(m["feature_b"] < 0, None, m["feature_b"]), pa.int32()),
+            "feature_b": pa.array([None if b < 0 else int(b) for b in m["feature_b"]], pa.int32()),
             "cosine": pa.array(m["cosine"], pa.float64(), from_pandas=True),
             "nearest_b": pa.array(m["nearest_b"], pa.int32()),
             "nearest_cosine": pa.array(m["nearest_cosine"], pa.float64()),

@@ -16,9 +16,10 @@ a predicate picks (default: the last prompt token):
 ``cka_final``
     linear CKA of the run's activations with the final run's, row by row.
 
-``x`` is the series coordinate: given, or read from the labels (``@alpha`` of an
-interpolation, ``_step{K}`` of a snapshot, ``alpha``/``step`` of a final run
-without one counts as the end), else the index. The table is stored as an analysis
+``x`` is the series coordinate: given, or read from the labels when every run has
+one (``@alpha`` of an interpolation, ``_step{K}`` of a snapshot), else the index
+(a snapshot series ending in the final run, which has no step, is indexed: give
+``x`` for the real steps). The table is stored as an analysis
 (kind ``trajectory``) and :meth:`Trajectory.plot` draws every measure against ``x``.
 
 Example
@@ -85,14 +86,16 @@ class Trajectory:
             "cos_final": "cos(direction, final direction)",
             "cka_final": "linear CKA to final",
         }
+        low = 0.0
         for m in measures:
             y = np.asarray(
                 [np.nan if v is None else v for v in self.table.column(m).to_pylist()], float
             )
             if np.isfinite(y).any():
                 ax.plot(x, y, marker="o", label=labels[m])
+                low = min(low, float(np.nanmin(y)))
         ax.set_xlabel("series")
-        ax.set_ylim(-0.05, 1.05)
+        ax.set_ylim(-1.05 if low < 0 else -0.05, 1.05)  # a cosine can be negative
         ax.set_title(f"trajectory at {self.hook}")
         ax.legend(fontsize=8)
         out = Path(path)
@@ -103,22 +106,19 @@ class Trajectory:
 
 
 def series_x(runs: Sequence[str]) -> list[float]:
-    """Series coordinates read from run names: ``@alpha``, ``_step{K}``, else the index.
+    """Series coordinates read from run names (``@alpha``, ``_step{K}``, all or none), else the index.
 
     Example
     -------
     >>> series_x(["interp@0/pairs", "interp@0.5/pairs", "interp@1/pairs"])
     [0.0, 0.5, 1.0]
     >>> series_x(["bd_step25/pairs", "bd_step50/pairs", "bd/pairs"])
-    [25.0, 50.0, 51.0]
+    [0.0, 1.0, 2.0]
     """
     for rx in (_ALPHA, _STEP):
         got = [rx.search(r) for r in runs]
         if all(got):
             return [float(m.group(1)) for m in got if m is not None]
-        if all(got[:-1]) and len(runs) > 1:  # the final run of a snapshot series has no step
-            xs = [float(m.group(1)) for m in got[:-1] if m is not None]
-            return [*xs, xs[-1] + (1.0 if rx is _STEP else 0.0)]
     return [float(i) for i in range(len(runs))]
 
 

@@ -357,7 +357,7 @@ def build_model(
     digest = tensor_hash(weights)
     # the architecture and config of the weights' reference source
     ref = params["target"] if params["kind"] == "interpolate" else params["apply_to"]
-    model = AutoModelForCausalLM.from_pretrained(source_paths[ref], dtype=torch.float32)
+    model: Any = AutoModelForCausalLM.from_pretrained(source_paths[ref], dtype=torch.float32)
     model.load_state_dict(weights, strict=True)
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     model = model.to(device=device, dtype=torch_dtype[dtype])

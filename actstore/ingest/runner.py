@@ -466,7 +466,9 @@ def run_job(
     summary = IngestSummary(str(st.root))
     for c in job.checkpoints:
         if c.derived:
-            for label, params in expand_recipe(c.label, c.interpolate or c.task_vector):
+            recipe = c.interpolate or c.task_vector
+            assert recipe is not None
+            for label, params in expand_recipe(c.label, recipe):
                 dk = derived_checkpoint(
                     label, params, p.checkpoint_paths, dtype=job.model.dtype, device=p.device
                 )

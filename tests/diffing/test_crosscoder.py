@@ -12,11 +12,13 @@ from actstore.diffing.crosscoder import (
     CrosscoderConfig,
     aligned_rows,
     classify,
-    exclusive_latents,
     fve,
+    train_crosscoder,
+)
+from actstore.diffing.crosscoder_store import (
+    exclusive_latents,
     load_crosscoder_module,
     store_crosscoder,
-    train_crosscoder,
 )
 from actstore.errors import ActstoreError, SpecError
 

@@ -69,7 +69,8 @@ def test_plot(traj, tmp_path):
 
 def test_series_coordinates():
     assert series_x(["a@0/p", "a@0.5/p", "a@1/p"]) == [0.0, 0.5, 1.0]
-    assert series_x(["b_step25/p", "b_step50/p", "b/p"]) == [25.0, 50.0, 51.0]
+    assert series_x(["b_step25/p", "b_step50/p"]) == [25.0, 50.0]
+    assert series_x(["b_step25/p", "b_step50/p", "b/p"]) == [0.0, 1.0, 2.0]  # give x= then
     assert series_x(["x/p", "y/p"]) == [0.0, 1.0]
 
 
