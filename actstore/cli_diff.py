@@ -148,7 +148,7 @@ def _commands() -> list[click.Command]:
         if lens_k:
             lens = r.lens(k=lens_k)
             cols["top_tokens"] = [
-                " ".join(t for _, t, _ in lens.top(i)) for i in range(len(lens.labels))
+                " ".join(str(t) for _, t, _ in lens.top(i)) for i in range(len(lens.labels))
             ]
         emit(pa.table(cols), fmt, output)
 

@@ -203,6 +203,7 @@ def measure_loss_kl(
     """
     from actstore.edits.apply import resolve_edit
     from actstore.edits.spec import EditSpec
+    from actstore.ingest.derived import derived_record, load_derived
     from actstore.ingest.models import load_checkpoint
     from actstore.store.writer import bump_commit_seq
 
@@ -225,19 +226,29 @@ def measure_loss_kl(
     if not toks:  # no prompt matches (or none is ingested yet): nothing to measure
         return Result(_MEASURE_SCHEMA.empty_table())
     prov = json.loads(rec["provenance"] or "{}").get("model", {})
-    ck = load_checkpoint(
-        str(rec["path"]),
-        label=str(rec["label"]),
-        revision=str(rec["revision"] or ""),
-        dtype=dtype or prov.get("dtype") or "float32",
-        quantization=prov.get("quantization") or "none",
-        device=device,
-    )
-    if rec["weights_hash"] and ck.weights_hash != rec["weights_hash"]:
-        raise InputError(
-            f"checkpoint {rec['label']!r} at {rec['path']!r} has other weights than when run "
-            f"{name!r} was ingested; restore them to measure this run"
+    if derived_record(st, int(rec["checkpoint_id"])) is not None:  # built from a recipe
+        model = load_derived(
+            st,
+            int(rec["checkpoint_id"]),
+            dtype=dtype or prov.get("dtype") or "float32",
+            device=device,
         )
+    else:
+        ck = load_checkpoint(
+            str(rec["path"]),
+            label=str(rec["label"]),
+            revision=str(rec["revision"] or ""),
+            dtype=dtype or prov.get("dtype") or "float32",
+            quantization=prov.get("quantization") or "none",
+            device=device,
+        )
+        if rec["weights_hash"] and ck.weights_hash != rec["weights_hash"]:
+            raise InputError(
+                f"checkpoint {rec['label']!r} at {rec['path']!r} has other weights than when run "
+                f"{name!r} was ingested; restore them to measure this run"
+            )
+        model = ck.model
+        del ck
     edit = None
     if rec["edit_id"] is not None:
         edit = resolve_edit(EditSpec.from_dict(json.loads(rec["edit_spec"])), st)
@@ -245,7 +256,6 @@ def measure_loss_kl(
     ids = [[int(i) for i in t[1]] for t in toks]
     losses: list[float | None] = []
     kls: list[float | None] = []
-    model = ck.model
     with torch.inference_mode():
         for chunk, ctx in _forward_batches(ids, prompt_idx, batch_size, device):
             inputs = {
@@ -270,7 +280,7 @@ def measure_loss_kl(
                 lp_u, lp_e = base_BSV[b, :n], edited_BSV[b, :n]
                 kl = (lp_u.exp() * (lp_u - lp_e)).sum(-1).mean()
                 kls.append(float(kl))
-    del ck, model
+    del model
     rows: dict[str, list[Any]] = {"prompt_idx": [], "scorer": [], "value": []}
     for scorer, values in ((LOSS_SCORER, losses), (KL_SCORER, kls)):
         for i, v in zip(prompt_idx, values, strict=True):

@@ -274,3 +274,13 @@ def test_module_docstring_examples():
 
     result = doctest.testmod(derived, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_derived_runs_are_measured_like_any_other(env):
+    from actstore.edits import measure_loss_kl
+
+    st = env["store"]
+    derived_loss = measure_loss_kl(st, "interp@0/pairs", where="pair_id < 5 AND NOT triggered").df()
+    base_loss = measure_loss_kl(st, "base/pairs", where="pair_id < 5 AND NOT triggered").df()
+    assert len(derived_loss) == 5  # the clean prompts of 5 pairs
+    np.testing.assert_array_equal(derived_loss["loss"], base_loss["loss"])  # the same weights
