@@ -624,5 +624,9 @@ from actstore import cli_sae as _cli_sae  # noqa: E402  (its commands use the he
 
 _cli_sae.register(main)
 
+from actstore.cli_diff import register as _register_diffing  # noqa: E402 (needs main)
+
+_register_diffing(main)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

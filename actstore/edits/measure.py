@@ -313,6 +313,7 @@ def measure_loss_kl(
     """
     from actstore.edits.apply import resolve_edit
     from actstore.edits.spec import EditSpec
+    from actstore.ingest.derived import derived_record, load_derived
     from actstore.ingest.models import load_checkpoint, load_tokenizer
     from actstore.store.writer import bump_commit_seq
 
@@ -338,8 +339,12 @@ def measure_loss_kl(
     prov = json.loads(rec["provenance"] or "{}")
     model_prov = prov.get("model", {})
     job_model = (prov.get("job") or {}).get("model") or {}
+    derived = derived_record(st, int(rec["checkpoint_id"]))  # None: a checkpoint with files
+    source_path = rec["path"] or (
+        next(iter(derived["sources"].values()))["path"] if derived is not None else ""
+    )
     tokenizer = load_tokenizer(
-        str(job_model.get("tokenizer") or rec["path"]),
+        str(job_model.get("tokenizer") or source_path),
         str(rec["revision"] or ""),
         bool(job_model.get("trust_remote_code", False)),
     )
@@ -347,22 +352,31 @@ def measure_loss_kl(
     edit = None
     if rec["edit_id"] is not None:
         edit = resolve_edit(EditSpec.from_dict(json.loads(rec["edit_spec"])), st)
-    ck = load_checkpoint(
-        str(rec["path"]),
-        label=str(rec["label"]),
-        revision=str(rec["revision"] or ""),
-        dtype=dtype or model_prov.get("dtype") or "float32",
-        quantization=model_prov.get("quantization") or "none",
-        device=device,
-    )
-    if rec["weights_hash"] and ck.weights_hash != rec["weights_hash"]:
-        raise InputError(
-            f"checkpoint {rec['label']!r} at {rec['path']!r} has other weights than when run "
-            f"{name!r} was ingested; restore them to measure this run"
+    if derived is not None:  # built from a recipe over the job's other checkpoints
+        model = load_derived(
+            st,
+            int(rec["checkpoint_id"]),
+            dtype=dtype or model_prov.get("dtype") or "float32",
+            device=device,
         )
+    else:
+        ck = load_checkpoint(
+            str(rec["path"]),
+            label=str(rec["label"]),
+            revision=str(rec["revision"] or ""),
+            dtype=dtype or model_prov.get("dtype") or "float32",
+            quantization=model_prov.get("quantization") or "none",
+            device=device,
+        )
+        if rec["weights_hash"] and ck.weights_hash != rec["weights_hash"]:
+            raise InputError(
+                f"checkpoint {rec['label']!r} at {rec['path']!r} has other weights than when run "
+                f"{name!r} was ingested; restore them to measure this run"
+            )
+        model = ck.model
+        del ck
     seqs = [(i, ids + refs.get(i, []), len(ids)) for i, ids in prompt_ids.items()]
     out: dict[str, list[Any]] = {k: [] for k in ("loss", "kl", "loss_prompt", "kl_prompt")}
-    model = ck.model
     with torch.inference_mode():
         for chunk, ctx in _batches(seqs, batch_size, device, tokenizer):
             inputs = {
@@ -386,7 +400,7 @@ def measure_loss_kl(
                 out["loss"].append(_mean(nll_S[n - 1 :]))
                 out["kl_prompt"].append(None if edit is None else _mean(kl_S[: n - 1]))
                 out["kl"].append(None if edit is None else _mean(kl_S[n - 1 :]))
-    del ck, model
+    del model
     prompt_idx = [i for i, _, _ in seqs]
     scorer_of = {
         "loss": LOSS_SCORER,

@@ -48,6 +48,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from actstore.errors import SpecError
+from actstore.ingest.derived import (
+    InterpolateSpec,
+    TaskVectorSpec,
+    check_recipes,
+    checkpoint_labels,
+)
 from actstore.ingest.generate import GenerateSpec
 from actstore.ingest.logit_metrics import MetricSpec
 from actstore.ingest.saes import SAESpec
@@ -90,6 +96,15 @@ class CheckpointSpec:
     """Hub id or directory (default: the model's path)."""
     revision: str = ""
     """Hub revision (default: the model's)."""
+    interpolate: InterpolateSpec | None = None
+    """Build the weights in memory by interpolating two other checkpoints (``actstore.ingest.derived``)."""
+    task_vector: TaskVectorSpec | None = None
+    """Build the weights in memory by task arithmetic over other checkpoints."""
+
+    @property
+    def derived(self) -> bool:
+        """Whether the weights are built from a recipe instead of loaded from files."""
+        return self.interpolate is not None or self.task_vector is not None
 
 
 @dataclass(frozen=True)
@@ -173,14 +188,15 @@ class IngestJob:
                 raise SpecError("job needs model.path or at least one [[checkpoints]] with a path")
             object.__setattr__(self, "checkpoints", (CheckpointSpec(label="main"),))
         for kind, names in (
-            ("checkpoint label", [c.label for c in self.checkpoints]),
+            ("checkpoint label", checkpoint_labels(self.checkpoints)),
             ("prompt set name", [p.name for p in self.prompts]),
         ):
             dup = {n for n in names if names.count(n) > 1}
             if dup:
                 raise SpecError(f"duplicate {kind}s {sorted(dup)}; each must be unique")
+        check_recipes(self.checkpoints, self.model.quantization)
         for c in self.checkpoints:
-            if not (c.path or self.model.path):
+            if not (c.path or self.model.path or c.derived):
                 raise SpecError(f"checkpoint {c.label!r} has no path and model.path is empty")
         if self.scorers and self.generate is None:
             raise SpecError("[[scorers]] score completions: add a [generate] table")

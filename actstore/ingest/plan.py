@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from actstore.errors import InputError, NotAStoreError
 from actstore.ingest import positions as _pos
+from actstore.ingest.derived import check_compatible, iter_derived, source_labels
 from actstore.ingest.families import adapter_for, expand_hooks
 from actstore.ingest.job import IngestJob
 from actstore.ingest.models import load_tokenizer, resolve_device, tokenizer_hash
@@ -127,6 +128,7 @@ def plan(job: IngestJob) -> Plan:
     ck_paths = {
         c.label: (c.path or job.model.path, c.revision or job.model.revision)
         for c in job.checkpoints
+        if not c.derived  # built from the others' weights: actstore.ingest.derived
     }
     tok_path = job.model.tokenizer or next(iter(ck_paths.values()))[0]
     tokenizer = load_tokenizer(tok_path, job.model.revision, job.model.trust_remote_code)
@@ -163,6 +165,8 @@ def plan(job: IngestJob) -> Plan:
                     "family must align, so use one tokenizer (set model.tokenizer) or a separate job"
                 )
     assert config is not None
+    for label, params in iter_derived(job.checkpoints):
+        check_compatible(label, {s: ck_paths[s][0] for s in source_labels(params)})
     adapter = adapter_for(config)
     hooks = expand_hooks(job.capture.hooks, adapter.n_layers)
     widths = {}

@@ -40,6 +40,9 @@ import torch
 import actstore
 from actstore.ingest import positions as _pos
 from actstore.ingest.batches import BackgroundWriter, pad_batch, token_table
+from actstore.ingest.derived import checkpoint_labels, derived_checkpoint
+from actstore.ingest.derived import expand as expand_recipe
+from actstore.ingest.derived import record as record_derived
 from actstore.ingest.generate import generate, generations_table
 from actstore.ingest.hooks import capture, run_capture
 from actstore.ingest.job import IngestJob
@@ -264,7 +267,7 @@ def _ingest_run(
                 n_prompts=len(ps.tokenized),
                 batch_size=cap.batch_size,
                 job_runs=job_run_names(
-                    [c.label for c in job.checkpoints],
+                    checkpoint_labels(job.checkpoints),
                     [q.name for q in job.prompts],
                     edit.name if edit else None,
                 ),
@@ -294,6 +297,7 @@ def _ingest_run(
                 "path": ck.path,
                 "revision": ck.revision,
                 "weights_hash": ck.weights_hash,
+                "recipe": getattr(ck, "recipe", None),  # a derived checkpoint's
                 "dtype": job.model.dtype,
                 "quantization": job.model.quantization,
             },
@@ -524,6 +528,21 @@ def run_job(
     )
     summary = IngestSummary(str(st.root))
     for c in job.checkpoints:
+        if c.derived:
+            recipe = c.interpolate or c.task_vector
+            assert recipe is not None
+            for label, params in expand_recipe(c.label, recipe):
+                dk = derived_checkpoint(
+                    label, params, p.checkpoint_paths, dtype=job.model.dtype, device=p.device
+                )
+                cid = objects.add_checkpoint(
+                    st, model_id=model_id, label=label, weights_hash=dk.weights_hash
+                )
+                dk.on_build = record_derived(st, cid, dk)
+                for ps in p.prompt_sets:
+                    summary.runs.append(_ingest_run(st, p, dk, ps, cid, quiet, edit, sh))
+                del dk
+            continue
         path, rev = p.checkpoint_paths[c.label]
         ck = load_checkpoint(
             path,
