@@ -17,7 +17,8 @@ Views:
     so ``WHERE triggered AND position_role = 'last'`` works.
 
 Other packages add macros and functions with :func:`register_extension`
-(``actstore.queries`` adds the named queries and array functions).
+(``actstore.queries`` adds the named queries and array functions), and clearer
+messages for their errors with :func:`register_error_hint`.
 
 Example
 -------
@@ -45,6 +46,8 @@ if TYPE_CHECKING:
 
 SessionExtension = Callable[[duckdb.DuckDBPyConnection, "Store"], None]
 _EXTENSIONS: list[SessionExtension] = []
+ErrorHint = Callable[[str], "str | None"]
+_ERROR_HINTS: list[ErrorHint] = []
 
 _EMPTY_FEATURES = (
     "SELECT NULL::INTEGER AS run_id, NULL::INTEGER AS sae_id, NULL::BIGINT AS row, "
@@ -64,6 +67,21 @@ def register_extension(fn: SessionExtension) -> SessionExtension:
     """
     if fn not in _EXTENSIONS:
         _EXTENSIONS.append(fn)
+    return fn
+
+
+def register_error_hint(fn: ErrorHint) -> ErrorHint:
+    """Register ``fn(duckdb_message)``: a better one-line message for an error, or None.
+
+    Example
+    -------
+    >>> @register_error_hint
+    ... def _hint(msg):
+    ...     return "no answer() here; try 42" if "answer" in msg else None
+    >>> _ERROR_HINTS.remove(_hint)
+    """
+    if fn not in _ERROR_HINTS:
+        _ERROR_HINTS.append(fn)
     return fn
 
 
@@ -102,6 +120,9 @@ class Session:
             try:
                 return query_arrow(con, query, params)
             except duckdb.Error as e:
+                for hint in _ERROR_HINTS:
+                    if (better := hint(str(e))) is not None:
+                        raise InputError(f"SQL error: {better}") from e
                 first = " ".join(query.split())
                 raise InputError(f"SQL error: {str(e).splitlines()[0]} (in: {first[:300]})") from e
 
