@@ -15,6 +15,10 @@ Views:
 ``labeled_tokens``
     every token joined to its run and its prompt's text and label columns,
     so ``WHERE triggered AND position_role = 'last'`` works.
+``labeled_generations``
+    every generation with ``completion`` (its ``text`` stripped of the leading
+    space a completion usually starts with), its run, prompt text and labels,
+    so ``WHERE completion = answer`` works.
 
 Other packages add macros and functions with :func:`register_extension`
 (``actstore.queries`` adds the named queries and array functions), and clearer
@@ -159,6 +163,15 @@ class Session:
             JOIN cat.main.runs r USING (run_id)
             LEFT JOIN cat.main.prompts p
               ON p.prompt_set_id = r.prompt_set_id AND p.prompt_idx = t.prompt_idx"""
+        )
+        con.execute(
+            """CREATE OR REPLACE VIEW labeled_generations AS
+            SELECT g.*, trim(g.text) AS completion, r.name AS run, r.checkpoint_id,
+                   r.prompt_set_id, p.text AS prompt, p.* EXCLUDE (prompt_set_id, prompt_idx, text)
+            FROM cat.main.generations g
+            JOIN cat.main.runs r USING (run_id)
+            LEFT JOIN cat.main.prompts p
+              ON p.prompt_set_id = r.prompt_set_id AND p.prompt_idx = g.prompt_idx"""
         )
         if not self._extended:
             for ext in _EXTENSIONS:

