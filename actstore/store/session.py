@@ -100,7 +100,9 @@ class Session:
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        # actstore shows its own progress: no DuckDB progress bar in command output
         self.con = duckdb.connect()
+        self.con.execute("SET enable_progress_bar = false")
         store.location.register(self.con)  # a remote store's Parquet parts, by URL
         self._lock = threading.RLock()
         self._seq: object = None

@@ -196,3 +196,9 @@ def test_signature_strings_are_valid_duckdb():
     for sig in SIGNATURES.values():
         con.execute(f"CREATE MACRO {sig} AS TABLE SELECT 1 AS one")
         assert re.fullmatch(r"\w+\(.*\)", sig)
+
+
+def test_the_session_draws_no_duckdb_progress_bar(truth: Truth):
+    # DuckDB prints a progress bar for statements over 2 s; actstore shows its own only
+    got = truth.store.sql("SELECT current_setting('enable_progress_bar') AS on").fetchall()
+    assert got == [(False,)]
