@@ -360,6 +360,8 @@ def query(
             for prm in q.params:
                 req = "required" if prm.required else f"default {prm.default!r}"
                 click.echo(f"    {prm.name} ({prm.type}, {req}): {prm.description}")
+            for sig in q.macros:
+                click.echo(f"  SQL: SELECT * FROM {sig}")
             click.echo(f"  e.g. {q.example}\n")
         return
     if store is None or name is None:

@@ -53,6 +53,7 @@ from actstore.analysis.results import (
     save_analysis,
 )
 from actstore.errors import InputError, SpecError
+from actstore.hf import no_hf_progress
 
 if TYPE_CHECKING:
     from actstore.store.store import Store
@@ -202,7 +203,8 @@ def _load_model(model: Any) -> tuple[nn.Module, str | None]:
     from transformers import AutoModelForCausalLM
 
     path = str(model)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), path
+    with no_hf_progress():  # actstore shows its own progress, not transformers' bars
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), path
 
 
 def _load_tokenizer(tokenizer: Any, path: str | None) -> Any:
@@ -211,7 +213,8 @@ def _load_tokenizer(tokenizer: Any, path: str | None) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path)
+        with no_hf_progress():
+            return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError):  # a checkpoint saved without its tokenizer
         return None
 

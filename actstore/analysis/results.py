@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from actstore.errors import InputError, NotFoundError, SpecError
 from actstore.store import objects
+from actstore.store.ids import as_id
 
 if TYPE_CHECKING:
     from actstore.store.store import Store
@@ -326,8 +327,10 @@ def get_analysis(store: Store, name_or_id: str | int) -> AnalysisRecord:
     -------
     >>> get_analysis(st, "trigger").result["layers"][0]["auroc"]  # doctest: +SKIP
     """
-    if isinstance(name_or_id, int):
-        rows = store.sql("SELECT * FROM analyses WHERE analysis_id = ?", [name_or_id]).arrow()
+    if as_id(name_or_id) is not None:
+        rows = store.sql(
+            "SELECT * FROM analyses WHERE analysis_id = ?", [as_id(name_or_id)]
+        ).arrow()
     else:
         rows = store.sql(
             "SELECT * FROM analyses WHERE name = ? ORDER BY analysis_id DESC LIMIT 1", [name_or_id]

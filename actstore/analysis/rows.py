@@ -34,6 +34,7 @@ import torch
 from actstore.errors import HookNotFoundError, InputError
 from actstore.store import arrays as _arrays
 from actstore.store.catalog import query_arrow
+from actstore.store.ids import as_id
 
 if TYPE_CHECKING:
     from actstore.store.store import Store
@@ -156,7 +157,7 @@ def run_info(store: Store, run: str | int | RunInfo) -> RunInfo:
            LEFT JOIN arrays a USING (run_id)
            WHERE r.name = $name OR r.run_id = $id
            ORDER BY a.layer NULLS LAST, a.hook""",
-        {"name": str(run), "id": run if isinstance(run, int) else -1},
+        {"name": str(run), "id": -1 if as_id(run) is None else as_id(run)},
     ).arrow()
     if t.num_rows == 0:
         store.run_id(run)  # raises the store's own message, listing the runs

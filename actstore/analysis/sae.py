@@ -34,6 +34,7 @@ from actstore.analysis.results import (
     save_analysis,
 )
 from actstore.errors import InputError, NotFoundError
+from actstore.store.ids import as_id
 
 if TYPE_CHECKING:
     from actstore.store.store import Store
@@ -49,7 +50,7 @@ def sae_record(store: Store, sae: str | int) -> dict[str, Any]:
     """
     rows = store.sql("SELECT * FROM saes ORDER BY sae_id").arrow().to_pylist()
     for r in rows:
-        if sae == r["name"] or (isinstance(sae, int) and sae == r["sae_id"]):
+        if sae == r["name"] or (as_id(sae) is not None and as_id(sae) == r["sae_id"]):
             if isinstance(r.get("config"), str):
                 r["config"] = json.loads(r["config"] or "{}")
             return dict(r)
@@ -227,7 +228,9 @@ def sae_decompose(
         raise InputError(f"sae_decompose takes one direction, got {len(vecs)}; loop over them")
     label, v, dir_hook = vecs[0]
     sae_name, sae_hook = type(sae).__name__, ""
-    if isinstance(sae, str | int) and not (isinstance(sae, str) and Path(sae).is_dir()):
+    if (isinstance(sae, str) or as_id(sae) is not None) and not (
+        isinstance(sae, str) and Path(sae).is_dir()
+    ):
         if store is None:
             raise InputError(f"SAE {sae!r} is a stored name; pass the store too")
         rec = sae_record(store, sae)

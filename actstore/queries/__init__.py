@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING
 
 from actstore.queries import stats, udfs
 from actstore.queries.cache import clear_feature_cache, feature_cache
-from actstore.queries.macros import install_macros, mark_installed
+from actstore.queries.macros import explain_error, install_macros, mark_installed
 from actstore.queries.named import NamedQuery, QueryParam, get_named, list_named, run_named
 from actstore.store.access import read_rows
-from actstore.store.session import register_extension
+from actstore.store.session import register_error_hint, register_extension
 
 if TYPE_CHECKING:
     import duckdb
@@ -70,3 +70,4 @@ def install(con: duckdb.DuckDBPyConnection, store: Store) -> None:
 
 
 register_extension(install)
+register_error_hint(explain_error)

@@ -27,6 +27,7 @@ import duckdb
 
 from actstore.errors import InputError, NotFoundError, RunNotFoundError
 from actstore.queries.cache import feature_cache
+from actstore.store.ids import as_id
 
 if TYPE_CHECKING:
     from actstore.store.store import Store
@@ -108,12 +109,14 @@ class Context:
         (2, 'backdoored/pairs')
         """
         rows = self.con.execute("SELECT run_id, name FROM cat.main.runs ORDER BY run_id").fetchall()
+        want = as_id(value)
         for rid, name in rows:
-            if value == name or (isinstance(value, int) and value == rid):
+            if value == name or (want is not None and want == rid):
                 return int(rid), str(name)
         names = [r[1] for r in rows]
         raise RunNotFoundError(
-            f"{self.query}: run {value!r} not in store {self.store.root}; runs: "
+            f"{self.query}: run {value if want is None else want!r} not in store "
+            f"{self.store.root}; runs: "
             f"{names or 'none yet'} (see `actstore info {self.store.root}`)"
         )
 

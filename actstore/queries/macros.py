@@ -9,16 +9,10 @@ parts (the native cache is kept by ``run_named``, the faster path). On large SAE
 ``SET perfect_ht_threshold = 20`` in the session first lets DuckDB aggregate per
 feature in a perfect hash table, as ``run_named`` does for its own queries.
 
-Signatures (defaults after ``:=``)::
-
-    trigger_diff(run, sae, group_a, group_b := NULL, positions := NULL, rank_by := 't')
-    trigger_diff_paired(run, sae, group_a, pair, group_b := NULL, positions := NULL,
-                        rank_by := 't')
-    top_activations(sae, feature_id, k := 10, run := NULL, width := 5, positions := NULL)
-    feature_reward_corr(run, sae, label, aggregate := 'mean', positions := NULL,
-                        rank_by := 'spearman')
-    checkpoint_diff(run_a, run_b, sae, positions := NULL)
-    feature_density(run, sae, positions := NULL)
+Their signatures are generated from the named queries' parameters
+(``actstore.queries.signatures``: :data:`SIGNATURES`), listed by ``actstore query
+--list``; a macro called with arguments it does not take is an error that shows them
+(:func:`explain_error`, registered with the session).
 
 Example
 -------
@@ -28,37 +22,19 @@ Example
 
 from __future__ import annotations
 
+import re
 import weakref
 from typing import TYPE_CHECKING
 
 import duckdb
 
 from actstore.queries import sparse
+from actstore.queries.signatures import SIGNATURES, macro_help
 
 if TYPE_CHECKING:
     from actstore.store.store import Store
 
-__all__ = ["SIGNATURES", "ensure_installed", "install_macros", "mark_installed"]
-
-#: The SQL signature of each table macro, by name.
-SIGNATURES = {
-    "trigger_diff": (
-        "trigger_diff(run, sae, group_a, group_b := NULL, positions := NULL, rank_by := 't')"
-    ),
-    "trigger_diff_paired": (
-        "trigger_diff_paired(run, sae, group_a, pair, group_b := NULL, positions := NULL, "
-        "rank_by := 't')"
-    ),
-    "top_activations": (
-        "top_activations(sae, feature_id, k := 10, run := NULL, width := 5, positions := NULL)"
-    ),
-    "feature_reward_corr": (
-        "feature_reward_corr(run, sae, label, aggregate := 'mean', positions := NULL, "
-        "rank_by := 'spearman')"
-    ),
-    "checkpoint_diff": "checkpoint_diff(run_a, run_b, sae, positions := NULL)",
-    "feature_density": "feature_density(run, sae, positions := NULL)",
-}
+__all__ = ["SIGNATURES", "ensure_installed", "explain_error", "install_macros", "mark_installed"]
 
 
 def _id(table: str, key: str, param: str, what: str, nullable: bool = False) -> str:
@@ -162,6 +138,32 @@ def install_macros(con: duckdb.DuckDBPyConnection) -> None:
     )
     for name, body in macros.items():
         con.execute(f"CREATE OR REPLACE MACRO {SIGNATURES[name]} AS TABLE {body}")
+
+
+_WRONG_CALL = re.compile(
+    r'Macro "?(\w+)"?\(\) (does not support the supplied arguments|has named argument)'
+)
+
+
+def explain_error(message: str) -> str | None:
+    """A one-line error for a named-query macro called with wrong arguments, else None.
+
+    DuckDB's own message says only that the arguments do not fit; this names the
+    macro's signature (and its named query's other macros).
+
+    Example
+    -------
+    >>> explain_error("Binder Error: Macro checkpoint_diff() does not support the supplied "
+    ...               "arguments. You might need to add explicit type casts.")[:64]
+    'checkpoint_diff() was called with arguments it does not take; it'
+    """
+    m = _WRONG_CALL.search(message)
+    if m is None or (sigs := macro_help(m.group(1))) is None:
+        return None
+    return (
+        f"{m.group(1)}() was called with arguments it does not take; its signature: {sigs} "
+        "(required arguments first, then `name := value`; see `actstore query --list`)"
+    )
 
 
 #: Connections the queries are installed on (asking DuckDB costs ~10 ms a statement).

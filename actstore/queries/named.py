@@ -53,11 +53,12 @@ from typing import TYPE_CHECKING, Any
 
 import duckdb
 
-from actstore.errors import InputError, NotFoundError, SpecError
+from actstore.errors import InputError, NotFoundError
 from actstore.queries import sparse
 from actstore.queries.cache import POLICIES
 from actstore.queries.context import NUMERIC_TYPES, Context
-from actstore.queries.macros import SIGNATURES, ensure_installed
+from actstore.queries.macros import ensure_installed
+from actstore.queries.signatures import FORMS, PARAM_TYPES, PARAMS, SIGNATURES, QueryParam
 from actstore.store.catalog import query_arrow
 from actstore.store.result import Result
 
@@ -65,90 +66,6 @@ if TYPE_CHECKING:
     from actstore.store.store import Store
 
 __all__ = ["PARAM_TYPES", "NamedQuery", "QueryParam", "get_named", "list_named", "run_named"]
-
-#: Parameter kinds: how a value is checked and converted.
-PARAM_TYPES = ("run", "sae", "sql", "column", "int", "choice")
-
-
-@dataclass(frozen=True, slots=True)
-class QueryParam:
-    """One parameter of a named query."""
-
-    name: str
-    """As in ``run_named(..., name=value)``, ``--param name=value`` and the macro."""
-    type: str
-    """One of :data:`PARAM_TYPES`: ``run`` (a run name or id), ``sae`` (an SAE name),
-    ``sql`` (a SQL predicate or expression over ``labeled_tokens``), ``column`` (a
-    column of ``labeled_tokens``), ``int``, ``choice`` (one of ``choices``)."""
-    description: str
-    """What it means, for ``actstore query --list``."""
-    required: bool = False
-    """Whether it must be given."""
-    default: Any = None
-    """The value when not given (None: not set)."""
-    choices: tuple[str, ...] = ()
-    """Allowed values of a ``choice``."""
-
-    def __post_init__(self) -> None:
-        if self.type not in PARAM_TYPES:
-            raise SpecError(f"parameter {self.name!r}: type {self.type!r} not in {PARAM_TYPES}")
-        if (self.type == "choice") != bool(self.choices) or (
-            self.choices and self.default is not None and self.default not in self.choices
-        ):
-            raise SpecError(
-                f"parameter {self.name!r}: a choice needs choices, including its default"
-            )
-
-    def coerce(self, query: str, value: Any) -> Any:
-        """Check and convert a given value (e.g. the string of ``--param k=17``).
-
-        Example
-        -------
-        >>> QueryParam("k", "int", "how many").coerce("top_activations", "17")
-        17
-        """
-        if value is None:
-            return None
-        where = f"{query}: parameter {self.name!r}"
-        if self.type == "int":
-            if isinstance(value, bool):
-                raise InputError(f"{where} must be an integer, not {value!r}")
-            try:
-                return int(value)
-            except (TypeError, ValueError):
-                raise InputError(f"{where} must be an integer, not {value!r}") from None
-        if self.type == "choice":
-            if str(value) not in self.choices:
-                raise InputError(f"{where} must be one of {list(self.choices)}, not {value!r}")
-            return str(value)
-        if self.type == "run" and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        # the CLI parses `--param k=v` values as JSON: `true`, `3` arrive as bool, int
-        if isinstance(value, bool) and self.type == "sql":
-            value = "true" if value else "false"
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            value = str(value)
-        if not isinstance(value, str) or not value.strip():
-            raise InputError(f"{where} must be a non-empty string, not {value!r}")
-        return value
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-able description.
-
-        Example
-        -------
-        >>> QueryParam("k", "int", "how many", default=10).to_dict()["default"]
-        10
-        """
-        return {
-            "name": self.name,
-            "type": self.type,
-            "description": self.description,
-            "required": self.required,
-            "default": self.default,
-            "choices": list(self.choices),
-        }
-
 
 Builder = Callable[[Context, dict[str, Any]], str]
 
@@ -324,14 +241,10 @@ def _build_feature_density(ctx: Context, v: dict[str, Any]) -> str:
 
 # -- the registry ---------------------------------------------------------------------------
 
-_RUN = QueryParam("run", "run", "run name (or id)", required=True)
-_SAE = QueryParam("sae", "sae", "SAE name (saes table)", required=True)
-_POSITIONS = QueryParam(
-    "positions",
-    "sql",
-    "which stored tokens count: a SQL predicate over labeled_tokens, e.g. "
-    "\"position_role = 'last'\" (default: every stored token)",
-)
+
+def _macros(name: str) -> tuple[str, ...]:
+    return tuple(SIGNATURES[f.name] for f in FORMS[name])
+
 
 _QUERIES: tuple[NamedQuery, ...] = (
     NamedQuery(
@@ -342,21 +255,7 @@ _QUERIES: tuple[NamedQuery, ...] = (
             "Welch t, two-sided p and Benjamini-Hochberg q, ranked by |t| or p. With `pair`, "
             "the matched-pairs form: per pair, the member means A - B, and a paired t-test."
         ),
-        params=(
-            _RUN,
-            _SAE,
-            QueryParam(
-                "group_a",
-                "sql",
-                "group A: a boolean label column (e.g. triggered) or a SQL predicate over "
-                "labeled_tokens",
-                required=True,
-            ),
-            QueryParam("group_b", "sql", "group B (default: NOT group_a; NULL is in neither)"),
-            _POSITIONS,
-            QueryParam("pair", "column", "pair id column: run the matched-pairs (paired t) test"),
-            QueryParam("rank_by", "choice", "rank by |t| or by p", default="t", choices=("t", "p")),
-        ),
+        params=PARAMS["trigger_diff"],
         columns=(
             "rank",
             "feature",
@@ -374,7 +273,7 @@ _QUERIES: tuple[NamedQuery, ...] = (
             "n_b",
             "n_pairs (paired form)",
         ),
-        macros=(SIGNATURES["trigger_diff"], SIGNATURES["trigger_diff_paired"]),
+        macros=_macros("trigger_diff"),
         example=(
             "actstore query STORE trigger_diff --param run=backdoored/pairs --param sae=sae_l2 "
             "--param group_a=triggered --param \"positions=position_role = 'last'\""
@@ -385,30 +284,12 @@ _QUERIES: tuple[NamedQuery, ...] = (
         name="top_activations",
         description=(
             "The k tokens where an SAE feature is largest: run, prompt, position, token, "
-            "value and `width` tokens of context on each side (from the tokens table, which "
-            "lists every token of each prompt)."
+            "value, `width` tokens of context on each side (from the tokens table, which "
+            "lists every token of each prompt), the prompt's whole text and its labels."
         ),
-        params=(
-            _SAE,
-            QueryParam("feature", "int", "feature index", required=True),
-            QueryParam("k", "int", "how many tokens", default=10),
-            QueryParam("run", "run", "only this run (default: every run with this SAE)"),
-            QueryParam("width", "int", "tokens of context on each side", default=5),
-            _POSITIONS,
-        ),
-        columns=(
-            "rank",
-            "run",
-            "prompt_idx",
-            "position",
-            "row",
-            "token",
-            "value",
-            "left_tokens",
-            "right_tokens",
-            "context",
-        ),
-        macros=(SIGNATURES["top_activations"],),
+        params=PARAMS["top_activations"],
+        columns=(*sparse.TOP_COLUMNS, "the prompt's label columns (triggered, ...)"),
+        macros=_macros("top_activations"),
         example="actstore query STORE top_activations --param sae=sae_l2 --param feature=17",
         build=_build_top_activations,
     ),
@@ -419,31 +300,7 @@ _QUERIES: tuple[NamedQuery, ...] = (
             "mean (or max) over the prompt's selected tokens (zeros counted) with a numeric "
             "label such as reward; two-sided p-values and BH q-values."
         ),
-        params=(
-            _RUN,
-            _SAE,
-            QueryParam(
-                "label",
-                "sql",
-                "numeric label column (e.g. reward) or SQL expression over labeled_tokens",
-                required=True,
-            ),
-            QueryParam(
-                "aggregate",
-                "choice",
-                "per-prompt aggregate",
-                default="mean",
-                choices=("mean", "max"),
-            ),
-            _POSITIONS,
-            QueryParam(
-                "rank_by",
-                "choice",
-                "rank by |spearman_r| or |pearson_r|",
-                default="spearman",
-                choices=("spearman", "pearson"),
-            ),
-        ),
+        params=PARAMS["feature_reward_corr"],
         columns=(
             "rank",
             "feature",
@@ -457,7 +314,7 @@ _QUERIES: tuple[NamedQuery, ...] = (
             "prompt_freq",
             "n_prompts",
         ),
-        macros=(SIGNATURES["feature_reward_corr"],),
+        macros=_macros("feature_reward_corr"),
         example=(
             "actstore query STORE feature_reward_corr --param run=rm/prompts --param sae=sae_l2 "
             "--param label=reward --param aggregate=max"
@@ -471,12 +328,7 @@ _QUERIES: tuple[NamedQuery, ...] = (
             "checkpoints over the same prompts, same SAE) and their change B - A, ranked by "
             "|change in mean|."
         ),
-        params=(
-            QueryParam("run_a", "run", "first run (e.g. the base checkpoint)", required=True),
-            QueryParam("run_b", "run", "second run (e.g. the fine-tuned one)", required=True),
-            _SAE,
-            _POSITIONS,
-        ),
+        params=PARAMS["checkpoint_diff"],
         columns=(
             "rank",
             "feature",
@@ -489,7 +341,7 @@ _QUERIES: tuple[NamedQuery, ...] = (
             "n_a",
             "n_b",
         ),
-        macros=(SIGNATURES["checkpoint_diff"],),
+        macros=_macros("checkpoint_diff"),
         example=(
             "actstore query STORE checkpoint_diff --param run_a=base/pairs "
             "--param run_b=backdoored/pairs --param sae=sae_l2"
@@ -502,9 +354,9 @@ _QUERIES: tuple[NamedQuery, ...] = (
             "Per SAE feature: tokens, tokens where it fires, firing frequency, mean (zeros "
             "counted), mean when active and max, over a run's stored tokens (or a selection)."
         ),
-        params=(_RUN, _SAE, _POSITIONS),
+        params=PARAMS["feature_density"],
         columns=("feature", "n_tokens", "n_fired", "freq", "mean", "mean_active", "max"),
-        macros=(SIGNATURES["feature_density"],),
+        macros=_macros("feature_density"),
         example="actstore query STORE feature_density --param run=backdoored/pairs --param sae=sae_l2",
         build=_build_feature_density,
     ),

@@ -448,6 +448,23 @@ WHERE n_ok._e IS NULL
 ORDER BY a.feature"""
 
 
+#: The result columns of :func:`top_activations` before the prompt's labels.
+TOP_COLUMNS = (
+    "rank",
+    "run",
+    "prompt_idx",
+    "position",
+    "row",
+    "token",
+    "value",
+    "left_tokens",
+    "right_tokens",
+    "context",
+    "prompt_text",
+)
+_TOP_FIXED = ", ".join(f"'{c}'" for c in (*TOP_COLUMNS, "_ps", "_pls", "_pli"))
+
+
 def top_activations(*, src: str, sel: str | None, feature: str, k: str, width: str) -> str:
     """The ``k`` tokens where a feature is largest, with ``width`` tokens of context each side.
 
@@ -464,7 +481,9 @@ def top_activations(*, src: str, sel: str | None, feature: str, k: str, width: s
     -------
     str
         Columns ``rank, run, prompt_idx, position, row, token, value, left_tokens,
-        right_tokens, context`` (``context`` marks the token as ``[[token]]``).
+        right_tokens, context`` (``context`` marks the token as ``[[token]]``),
+        ``prompt_text`` (the prompt's whole text) and then the prompt's label
+        columns (``triggered``, ...; NULL where the run's prompt set lacks one).
 
     Example
     -------
@@ -490,11 +509,20 @@ WITH {sel_cte}top AS (
       ON c.run_id = fo.run_id AND c.prompt_idx = fo.prompt_idx
      AND c.position BETWEEN fo.position - {width} AND fo.position + {width}
     GROUP BY fo.run_id, fo."row")
+, out AS (
 SELECT row_number() OVER (ORDER BY fo.value DESC, fo.run_id, fo."row")::INTEGER AS rank,
        r.name AS run, fo.prompt_idx, fo.position, fo."row", fo.token_text AS token, fo.value,
        coalesce(ctx.lt, []::VARCHAR[]) AS left_tokens, coalesce(ctx.rt, []::VARCHAR[]) AS right_tokens,
        trim(array_to_string(coalesce(ctx.lt, []::VARCHAR[]), ' ') || ' [[' || coalesce(fo.token_text, '')
-            || ']] ' || array_to_string(coalesce(ctx.rt, []::VARCHAR[]), ' ')) AS context
+            || ']] ' || array_to_string(coalesce(ctx.rt, []::VARCHAR[]), ' ')) AS context,
+       r.prompt_set_id AS _ps
 FROM focus fo JOIN ctx ON ctx.run_id = fo.run_id AND ctx."row" = fo."row"
-JOIN runs r ON r.run_id = fo.run_id
+JOIN runs r ON r.run_id = fo.run_id)
+-- the prompt's text and labels; a label named like a result column is left out
+SELECT out.* EXCLUDE (_ps), pl.prompt_text,
+       COLUMNS(lambda c: c NOT IN ({_TOP_FIXED}))
+FROM out LEFT JOIN (
+    SELECT p0.prompt_set_id AS _pls, p0.prompt_idx AS _pli, p0.text AS prompt_text,
+           p0.* EXCLUDE (prompt_set_id, prompt_idx, text) FROM prompts p0) pl
+  ON pl._pls = out._ps AND pl._pli = out.prompt_idx
 ORDER BY rank"""

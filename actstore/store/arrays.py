@@ -13,6 +13,9 @@ Layout choices, measured on 2-core VMs (see ``docs/FORMAT.md``):
 * **bfloat16** is not a Zarr data type: it is stored as ``uint16`` with the real
   dtype in the array attribute ``actstore_dtype`` and returned as
   ``ml_dtypes.bfloat16`` (numpy) or ``torch.bfloat16``.
+* **Dimension names** (``row``, ``d``) are in every array's metadata, and each
+  run's directory is a Zarr group (:func:`create_group`), so
+  ``xarray.open_zarr("STORE/arrays/run000001")`` opens a run's hooks as one Dataset.
 
 Example
 -------
@@ -125,6 +128,7 @@ def create_array(
     capacity: int,
     layout: Layout | None = None,
     attributes: dict[str, Any] | None = None,
+    dimension_names: tuple[str, str] = ("row", "d"),
 ) -> zarr.Array:
     """Create (or open, if it exists with the same layout) the array at ``root/relpath``.
 
@@ -136,6 +140,8 @@ def create_array(
         Storage dtype: ``float16``, ``float32`` or ``bfloat16``.
     capacity
         Initial number of rows; writers grow it with :func:`ensure_capacity`.
+    dimension_names
+        The names of the two dimensions in the array's metadata (what xarray uses).
 
     Example
     -------
@@ -159,8 +165,29 @@ def create_array(
         compressors=_compressors(layout.compression, itemsize),
         fill_value=0,
         attributes=attrs,
+        dimension_names=dimension_names,
         config={"write_empty_chunks": True},
     )
+
+
+def create_group(
+    root: str | Path | Location, relpath: str, attributes: dict[str, Any] | None = None
+) -> None:
+    """Make ``root/relpath`` a Zarr v3 group (its ``zarr.json``), unless it is one already.
+
+    Zarr v3 has no implicit groups: without this, zarr and xarray can open the
+    arrays only one by one.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> r = tempfile.mkdtemp(); create_group(r, "arrays/run000001", {"run_id": 1})
+    >>> dict(zarr.open_group(f"{r}/arrays/run000001", mode="r").attrs)
+    {'run_id': 1}
+    """
+    loc = Location.parse(root)
+    if not loc.exists(f"{relpath}/zarr.json"):
+        zarr.create_group(store=loc.zarr_store(relpath), attributes=attributes or {})
 
 
 def open_array(root: str | Path | Location, relpath: str, mode: str = "r+") -> zarr.Array:

@@ -47,7 +47,18 @@ def array_relpath(run_id: int, hook: str) -> str:
     >>> array_relpath(1, "module:model.layers.0")
     'arrays/run000001/module~model.layers.0'
     """
-    return f"{ARRAYS_DIR}/run{run_id:06d}/{hook.replace(':', '~').replace('/', '~')}"
+    return f"{run_group_relpath(run_id)}/{hook.replace(':', '~').replace('/', '~')}"
+
+
+def run_group_relpath(run_id: int) -> str:
+    """Path of run ``run_id``'s Zarr group (holding its arrays), relative to the store.
+
+    Example
+    -------
+    >>> run_group_relpath(1)
+    'arrays/run000001'
+    """
+    return f"{ARRAYS_DIR}/run{run_id:06d}"
 
 
 def feature_dir_relpath(run_id: int, sae_id: int) -> str:

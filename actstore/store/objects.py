@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from actstore.errors import InputError, NotFoundError
 from actstore.store import arrays as _arrays
-from actstore.store.format import array_relpath
+from actstore.store.format import ARRAYS_DIR, array_relpath, run_group_relpath
 from actstore.store.writer import TOKEN_COLUMNS, bump_commit_seq
 
 if TYPE_CHECKING:
@@ -323,6 +323,10 @@ def create_run(
                 )
             return int(hit[0][0])
         rid = _next_id(con, "runs", "run_id")
+        _arrays.create_group(store.location, ARRAYS_DIR)
+        _arrays.create_group(store.location, run_group_relpath(rid), {"run_id": rid, "run": name})
+        # one Dataset per run in xarray: hooks of another width get their own dimension
+        widths = {d for _, d in hooks.values()}
         for hook, (layer, d) in hooks.items():
             layout = _arrays.default_layout(d, store_dtype, compression)
             rel = array_relpath(rid, hook)
@@ -334,6 +338,7 @@ def create_run(
                 capacity=capacity,
                 layout=layout,
                 attributes={"run_id": rid, "hook": hook},
+                dimension_names=("row", "d" if len(widths) == 1 else f"d{d}"),
             )
             con.execute(
                 "INSERT INTO arrays VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",

@@ -15,6 +15,9 @@ from typing import Any
 
 import pyarrow as pa
 
+#: Longer cells are cut to this many characters, ending in ``...``.
+CELL_CHARS = 80
+
 
 def _fmt(v: Any) -> str:
     if v is None:
@@ -22,7 +25,8 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.6g}"
     s = str(v)
-    return s if len(s) <= 60 else s[:57] + "..."
+    # wide enough for a short prompt's whole top_activations context
+    return s if len(s) <= CELL_CHARS else s[: CELL_CHARS - 3] + "..."
 
 
 def render_table(table: pa.Table, max_rows: int | None = None) -> str:
@@ -31,10 +35,10 @@ def render_table(table: pa.Table, max_rows: int | None = None) -> str:
     Example
     -------
     >>> print(render_table(pa.table({"x": [1.5, 22.0]})))
-       x
-    ----
-     1.5
-      22
+      x
+    ---
+    1.5
+     22
     """
     n = table.num_rows
     shown = table if max_rows is None or n <= max_rows else table.slice(0, max_rows)

@@ -16,13 +16,16 @@ Views:
     every token joined to its run and its prompt's text and label columns,
     so ``WHERE triggered AND position_role = 'last'`` works.
 ``labeled_generations``
-    every completion with its run, checkpoint label, edit name, its prompt's
-    text (``prompt``) and labels, and every score of it as ``score_{scorer}``
-    and ``flag_{scorer}`` (per-prompt scores such as losses and logit metrics
-    have ``sample_idx`` 0), so behaviour by label is one ``GROUP BY``.
+    every completion with ``completion`` (its ``text`` stripped of the leading
+    space a completion usually starts with), its run, checkpoint label, edit
+    name, its prompt's text (``prompt``) and labels, and every score of it as
+    ``score_{scorer}`` and ``flag_{scorer}`` (per-prompt scores such as losses
+    and logit metrics have ``sample_idx`` 0), so ``WHERE completion = answer``
+    works and behaviour by label is one ``GROUP BY``.
 
 Other packages add macros and functions with :func:`register_extension`
-(``actstore.queries`` adds the named queries and array functions).
+(``actstore.queries`` adds the named queries and array functions), and clearer
+messages for their errors with :func:`register_error_hint`.
 
 Example
 -------
@@ -50,6 +53,8 @@ if TYPE_CHECKING:
 
 SessionExtension = Callable[[duckdb.DuckDBPyConnection, "Store"], None]
 _EXTENSIONS: list[SessionExtension] = []
+ErrorHint = Callable[[str], "str | None"]
+_ERROR_HINTS: list[ErrorHint] = []
 
 _EMPTY_FEATURES = (
     "SELECT NULL::INTEGER AS run_id, NULL::INTEGER AS sae_id, NULL::BIGINT AS row, "
@@ -89,9 +94,10 @@ def _labeled_generations(con: duckdb.DuckDBPyConnection) -> str:
         for n in scorers
     )
     picked = "".join(f", sc.{_ident('score_' + n)}, sc.{_ident('flag_' + n)}" for n in scorers)
-    return f"""SELECT g.run_id, r.name AS run, c.label AS checkpoint, e.name AS edit,
-               g.prompt_idx, g.sample_idx, p.text AS prompt, g.text, g.token_ids, g.n_tokens,
-               p.* EXCLUDE (prompt_set_id, prompt_idx, text){picked}
+    # the columns of FORMAT.md's plain-DuckDB definition first, then the pivoted scores
+    return f"""SELECT g.*, trim(g.text) AS completion, r.name AS run, r.checkpoint_id,
+               r.prompt_set_id, p.text AS prompt, p.* EXCLUDE (prompt_set_id, prompt_idx, text),
+               c.label AS checkpoint, e.name AS edit{picked}
         FROM cat.main.generations g
         JOIN cat.main.runs r USING (run_id)
         LEFT JOIN cat.main.checkpoints c ON c.checkpoint_id = r.checkpoint_id
@@ -102,6 +108,21 @@ def _labeled_generations(con: duckdb.DuckDBPyConnection) -> str:
                    GROUP BY ALL) sc
           ON sc.run_id = g.run_id AND sc.prompt_idx = g.prompt_idx
          AND sc.sample_idx = g.sample_idx"""
+
+
+def register_error_hint(fn: ErrorHint) -> ErrorHint:
+    """Register ``fn(duckdb_message)``: a better one-line message for an error, or None.
+
+    Example
+    -------
+    >>> @register_error_hint
+    ... def _hint(msg):
+    ...     return "no answer() here; try 42" if "answer" in msg else None
+    >>> _ERROR_HINTS.remove(_hint)
+    """
+    if fn not in _ERROR_HINTS:
+        _ERROR_HINTS.append(fn)
+    return fn
 
 
 class Session:
@@ -115,7 +136,9 @@ class Session:
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        # actstore shows its own progress: no DuckDB progress bar in command output
         self.con = duckdb.connect()
+        self.con.execute("SET enable_progress_bar = false")
         store.location.register(self.con)  # a remote store's Parquet parts, by URL
         self._lock = threading.RLock()
         self._seq: object = None
@@ -139,6 +162,9 @@ class Session:
             try:
                 return query_arrow(con, query, params)
             except duckdb.Error as e:
+                for hint in _ERROR_HINTS:
+                    if (better := hint(str(e))) is not None:
+                        raise InputError(f"SQL error: {better}") from e
                 first = " ".join(query.split())
                 raise InputError(f"SQL error: {str(e).splitlines()[0]} (in: {first[:300]})") from e
 

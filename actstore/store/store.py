@@ -37,6 +37,7 @@ from actstore.store.format import (
     read_marker,
     write_marker,
 )
+from actstore.store.ids import as_id
 from actstore.store.location import Location, StorePath
 from actstore.store.result import Acts, Result
 from actstore.store.session import Session
@@ -223,12 +224,14 @@ class Store:
         2
         """
         rows = self.catalog.read("SELECT run_id, name FROM runs ORDER BY run_id").to_pylist()
+        rid = as_id(run)
         for r in rows:
-            if run == r["name"] or (isinstance(run, int) and run == r["run_id"]):
+            if run == r["name"] or (rid is not None and rid == r["run_id"]):
                 return int(r["run_id"])
         names = [r["name"] for r in rows]
         raise RunNotFoundError(
-            f"run {run!r} not in store {self.root}; runs: {names or 'none yet'} "
+            f"run {run if rid is None else rid!r} not in store {self.root}; "
+            f"runs: {names or 'none yet'} "
             f"(see `actstore info {self.root}`)"
         )
 
@@ -375,10 +378,11 @@ class Store:
         arr, info = self.array(run, hook)
         sel, meta = self._select_rows(int(info["run_id"]), int(info["n_rows"]), where, params)
         name = f"{info['path']} (run {run!r}, hook {hook!r})"
+        run_name = str(meta.column("run")[0]) if meta.num_rows else str(run)
         for a in range(0, sel.size, block_rows):
             rows = sel[a : a + block_rows]
             vals = _access.read_rows(arr, rows, name=name)
-            yield Acts(str(run), hook, rows, meta.slice(a, rows.size), vals)
+            yield Acts(run_name, hook, rows, meta.slice(a, rows.size), vals)
 
     def batches(self, runs: Any, hook: str, batch_size: int, **kwargs: Any) -> Iterator[Any]:
         """Shuffled ``(batch_size, D)`` torch tensors of one hook's rows in one or several runs.

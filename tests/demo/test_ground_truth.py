@@ -10,15 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import actstore
 from actstore.demo.run import MIDDLE, SAE_NAME
 
-
-@pytest.fixture(scope="module")
-def demo(demo_run):
-    # run once per session (tests/conftest.py): tests/report reads the same store
-    report, out = demo_run
-    return report, actstore.open(out / "store")
+# the `demo` fixture (report, store) is in conftest.py: one demo run per session
 
 
 def _behaviour(report):
