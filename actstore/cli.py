@@ -359,6 +359,7 @@ def query(
     if store is None or name is None:
         raise click.UsageError("give STORE and NAME (or --list)")
     st = actstore.open(store, read_only=True)
+    st.session.restrict()  # answers queries only: DuckDB may touch the store's files alone
     emit(run_named(st, name, **parse_params(params)).arrow(), fmt, output)
 
 

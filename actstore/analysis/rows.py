@@ -34,6 +34,7 @@ import torch
 from actstore.errors import HookNotFoundError, InputError
 from actstore.store import arrays as _arrays
 from actstore.store.catalog import query_arrow
+from actstore.store.predicate import expression, predicate_or_true
 
 if TYPE_CHECKING:
     from actstore.store.store import Store
@@ -360,8 +361,11 @@ def select(
     info = run_info(store, run)
     hooks = list(hooks) or info.hooks
     n_rows = min((int(info.row(h)["n_rows"]) for h in hooks), default=0)
-    extra = "".join(f', ({expr}) AS "_{name}"' for name, expr in (columns or {}).items())
-    cond = f"({where})" if where else "true"
+    extra = "".join(
+        f', {expression(expr, what=f"column {name!r}")} AS "_{name}"'
+        for name, expr in (columns or {}).items()
+    )
+    cond = predicate_or_true(where, what="where")
     meta = store.sql(
         f"""SELECT *{extra} FROM labeled_tokens
             WHERE run_id = {info.run_id} AND "row" IS NOT NULL AND "row" < {int(n_rows)} AND {cond}

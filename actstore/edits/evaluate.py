@@ -41,6 +41,7 @@ import pyarrow as pa
 import torch
 
 from actstore.errors import InputError, NotFoundError
+from actstore.store.predicate import predicate_or_true
 from actstore.store.result import Result
 
 if TYPE_CHECKING:
@@ -95,7 +96,7 @@ def _quote(column: str) -> str:
 
 
 def _select_prompts(st: Store, prompt_set_id: int, where: str | None) -> list[int]:
-    cond = f"({where})" if where else "true"
+    cond = predicate_or_true(where, what="where")
     try:
         rows = st.sql(
             f"SELECT prompt_idx FROM prompts WHERE prompt_set_id = ? AND {cond} ORDER BY prompt_idx",

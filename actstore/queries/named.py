@@ -32,8 +32,10 @@ query that lists features lists all ``d_sae`` of them (a feature that never
 fires has mean 0).
 
 SQL predicates (``group_a``, ``positions``...) are SQL by nature and are
-inserted as SQL, after being checked to bind as a boolean over
-``labeled_tokens``; values (names, numbers, choices) are always bound parameters.
+inserted as SQL, after DuckDB's parser checked that each is exactly one
+expression (``actstore.store.predicate``: no second statement, ``COPY``, table
+function or file read) that binds as a boolean over ``labeled_tokens``; values
+(names, numbers, choices) are always bound parameters.
 
 Example
 -------

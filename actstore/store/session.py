@@ -83,6 +83,7 @@ class Session:
         self._lock = threading.RLock()
         self._seq: object = None
         self._extended = False
+        self._restricted = False
 
     @contextmanager
     def connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -90,6 +91,49 @@ class Session:
         with self._lock, self.store.catalog.attached(self.con):
             self._refresh()
             yield self.con
+
+    def restrict(self) -> None:
+        """Limit this session, for good, to reading the store's own files.
+
+        For sessions built only to answer queries (``actstore query``, ``actstore
+        info``): DuckDB's own ``enable_external_access`` is turned off with the
+        store's directories (and a private spill directory) as its
+        ``allowed_directories``, so no statement, however it got there, can read
+        or write another file, attach another database or install an extension.
+        It cannot be undone on this session (DuckDB refuses to re-enable access).
+
+        Example
+        -------
+        >>> import tempfile, actstore, duckdb
+        >>> st = actstore.open(tempfile.mkdtemp() + "/s", create=True)
+        >>> st.session.restrict()
+        >>> st.sql("SELECT count(*) FROM runs").fetchall()
+        [(0,)]
+        >>> st.sql("COPY (SELECT 1) TO '/tmp/elsewhere.csv'")
+        Traceback (most recent call last):
+        ...
+        actstore.errors.InputError: SQL error: Permission Error: Cannot access file "/tmp/elsewhere.csv" - file system operations are disabled by configuration (in: COPY (SELECT 1) TO '/tmp/elsewhere.csv')
+        """
+        import tempfile
+
+        loc = self.store.location
+        if loc.is_local:
+            allowed = [str(loc.local_path.resolve()) + "/"]
+        else:
+            url = loc.url.rstrip("/")
+            scheme, _, rest = url.partition("://")
+            allowed = [f"{url}/", f"{scheme}:///{rest}/"]  # DuckDB normalizes to scheme:///
+        cache = getattr(self.store.catalog, "cache", None)  # a remote catalog's local copies
+        if cache is not None:
+            allowed.append(str(cache) + "/")
+        with self._lock:
+            if self._restricted:
+                return
+            spill = tempfile.mkdtemp(prefix="actstore-spill-")
+            self.con.execute("SET temp_directory = ?", [spill])
+            self.con.execute("SET allowed_directories = ?", [[*allowed, spill + "/"]])
+            self.con.execute("SET enable_external_access = false")
+            self._restricted = True
 
     def execute(self, query: str, params: Sequence[Any] | dict[str, Any] | None = None) -> pa.Table:
         """Run one statement and return its result as Arrow.

@@ -38,6 +38,7 @@ from actstore.store.format import (
     write_marker,
 )
 from actstore.store.location import Location, StorePath
+from actstore.store.predicate import predicate_or_true
 from actstore.store.result import Acts, Result
 from actstore.store.session import Session
 from actstore.store.writer import RunWriter, WriteLock
@@ -281,7 +282,7 @@ class Store:
     def _select_rows(
         self, rid: int, n_rows: int, where: str | None, params: Params
     ) -> tuple[np.ndarray, pa.Table]:
-        cond = f"({where})" if where else "true"
+        cond = predicate_or_true(where, what="where")
         meta = self.session.execute(
             f"""SELECT * FROM labeled_tokens
                 WHERE run_id = {int(rid)} AND "row" IS NOT NULL AND "row" < {int(n_rows)}
