@@ -27,6 +27,7 @@ import duckdb
 
 from actstore.errors import InputError, NotFoundError, RunNotFoundError
 from actstore.queries.cache import feature_cache
+from actstore.store import part_check
 from actstore.store.predicate import expression
 
 if TYPE_CHECKING:
@@ -245,6 +246,10 @@ class Context:
         >>> ctx.features(2, 1)  # doctest: +SKIP
         'memory.main._actstore_fc_r2_s1'
         """
+        # a damaged part raises here, naming run, SAE and part, before its rows are used
+        part_check.verify(
+            self.store.location, part_check.parts_of(self.con, run_id=rid, sae_id=sid)
+        )
         table = feature_cache(self.store).source(
             self.con, self.store.location.url, rid, sid, policy=self.cache
         )

@@ -60,6 +60,7 @@ from actstore.queries import sparse
 from actstore.queries.cache import POLICIES
 from actstore.queries.context import NUMERIC_TYPES, Context
 from actstore.queries.macros import SIGNATURES, ensure_installed
+from actstore.store import part_check
 from actstore.store.catalog import query_arrow
 from actstore.store.result import Result
 
@@ -257,6 +258,7 @@ def _build_top_activations(ctx: Context, v: dict[str, Any]) -> str:
         if v["positions"] is not None:
             sel = ctx.tokens(rid, v["positions"], ", lt.run_id")
     else:
+        part_check.verify(ctx.store.location, part_check.parts_of(ctx.con, sae_id=sid))
         src = (
             f'(SELECT fv.run_id, fv."row", fv.feature, fv.value FROM features fv '
             f"WHERE fv.sae_id = {ctx.bind(sid)})"

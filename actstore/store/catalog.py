@@ -79,7 +79,7 @@ CREATE TABLE IF NOT EXISTS saes (
     config JSON, created_at TIMESTAMP);
 CREATE TABLE IF NOT EXISTS feature_files (
     run_id INTEGER, sae_id INTEGER, path VARCHAR, first_row BIGINT,
-    n_rows BIGINT, n_nonzero BIGINT);
+    n_rows BIGINT, n_nonzero BIGINT, n_bytes BIGINT, crc32c BIGINT);
 CREATE TABLE IF NOT EXISTS generations (
     run_id INTEGER, prompt_idx INTEGER, sample_idx INTEGER, text VARCHAR,
     token_ids INTEGER[], n_tokens INTEGER);

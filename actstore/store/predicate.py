@@ -43,7 +43,7 @@ import duckdb
 
 from actstore.errors import InputError
 
-__all__ = ["FORBIDDEN_FUNCTIONS", "expression", "predicate_or_true"]
+__all__ = ["FORBIDDEN_FUNCTIONS", "expression", "nodes", "parse_sql", "predicate_or_true"]
 
 #: Scalar functions a predicate may not call: they read files or the environment,
 #: or change session state.
@@ -72,7 +72,14 @@ _parser_lock = threading.Lock()
 _parser: duckdb.DuckDBPyConnection | None = None
 
 
-def _parse(sql: str) -> dict[str, Any]:
+def parse_sql(sql: str) -> dict[str, Any]:
+    """DuckDB's parse of ``sql`` (``json_serialize_sql``): its statements, or its error.
+
+    Example
+    -------
+    >>> parse_sql("SELECT 1")["statements"][0]["node"]["type"]
+    'SELECT_NODE'
+    """
     global _parser
     with _parser_lock:
         if _parser is None:
@@ -81,19 +88,26 @@ def _parse(sql: str) -> dict[str, Any]:
     return dict(json.loads(row))
 
 
-def _nodes(tree: Any) -> Iterator[dict[str, Any]]:
+def nodes(tree: Any) -> Iterator[dict[str, Any]]:
+    """Every node (dict) of a parsed tree, depth first.
+
+    Example
+    -------
+    >>> len([n for n in nodes(parse_sql("SELECT a FROM t")) if n.get("type") == "BASE_TABLE"])
+    1
+    """
     if isinstance(tree, dict):
         yield tree
         for v in tree.values():
-            yield from _nodes(v)
+            yield from nodes(v)
     elif isinstance(tree, list):
         for v in tree:
-            yield from _nodes(v)
+            yield from nodes(v)
 
 
 def _refusal(tree: Any) -> str | None:
     """Why a parsed expression may not be used (None: it may)."""
-    for node in _nodes(tree):
+    for node in nodes(tree):
         kind, cls = node.get("type"), node.get("class")
         if kind == "TABLE_FUNCTION":
             fn = node.get("function", {}).get("function_name", "?")
@@ -145,7 +159,7 @@ def expression(text: str, *, what: str) -> str:
     if not isinstance(text, str) or not text.strip():
         raise InputError(f"{what} must be a non-empty SQL expression, not {text!r}")
     wrapped = f"(\n{text}\n)"
-    parsed = _parse(f"SELECT {wrapped}")
+    parsed = parse_sql(f"SELECT {wrapped}")
     if parsed.get("error"):
         msg = str(parsed.get("error_message", "not parsable")).splitlines()[0]
         raise InputError(

@@ -37,7 +37,8 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 import pyarrow as pa
 
-from actstore.errors import InputError
+from actstore.errors import CorruptChunkError, InputError
+from actstore.store import part_check
 from actstore.store.catalog import query_arrow
 
 if TYPE_CHECKING:
@@ -84,6 +85,7 @@ class Session:
         self._seq: object = None
         self._extended = False
         self._restricted = False
+        self._unverified: list[part_check.Part] = []
 
     @contextmanager
     def connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -91,6 +93,22 @@ class Session:
         with self._lock, self.store.catalog.attached(self.con):
             self._refresh()
             yield self.con
+
+    def verify_features(self) -> None:
+        """Verify every committed feature part not verified yet in this process.
+
+        :meth:`execute` calls it before a statement that may read the ``features``
+        view; a damaged part raises :class:`~actstore.errors.CorruptChunkError`
+        naming its run, SAE and path (statements that read no part still run).
+
+        Example
+        -------
+        >>> st.session.verify_features()  # doctest: +SKIP
+        """
+        with self._lock:
+            if self._unverified:
+                part_check.verify(self.store.location, self._unverified)
+                self._unverified = []
 
     def restrict(self) -> None:
         """Limit this session, for good, to reading the store's own files.
@@ -143,6 +161,8 @@ class Session:
         >>> Session(st).execute("SELECT count(*) FROM runs")  # doctest: +SKIP
         """
         with self.connection() as con:
+            if self._unverified and part_check.may_read_features(query):
+                self.verify_features()
             try:
                 return query_arrow(con, query, params)
             except duckdb.Error as e:
@@ -167,7 +187,12 @@ class Session:
             src = f"SELECT run_id, sae_id, row, feature, value FROM read_parquet([{listing}])"
         else:
             src = _EMPTY_FEATURES
-        con.execute(f"CREATE OR REPLACE VIEW features AS {src}")
+        self._unverified = part_check.parts_of(con)  # verified before a statement reads them
+        try:  # DuckDB reads the first part's footer to bind the view
+            con.execute(f"CREATE OR REPLACE VIEW features AS {src}")
+        except duckdb.Error as e:
+            # a damaged part fails only the statements that read features, naming it
+            con.execute(f"CREATE OR REPLACE VIEW features AS {self._damaged_view(e)}")
         con.execute(
             """CREATE OR REPLACE VIEW feature_acts AS
             SELECT f.run_id, r.name AS run, f.sae_id, s.name AS sae, s.hook, s.layer,
@@ -188,6 +213,15 @@ class Session:
                 ext(con, self.store)
             self._extended = True
         self._seq = seq
+
+    def _damaged_view(self, e: duckdb.Error) -> str:
+        try:
+            part_check.verify(self.store.location, self._unverified)
+            why = f"the feature parts cannot be read: {str(e).splitlines()[0]}"
+        except CorruptChunkError as bad:
+            why = str(bad)
+        msg = "'" + why.replace("'", "''") + "'"
+        return f"SELECT * FROM ({_EMPTY_FEATURES.replace(' WHERE false', '')}) WHERE error({msg})"
 
     def close(self) -> None:
         """Close the in-memory connection."""

@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 
-MODULES = ["arrays", "access", "catalog", "features", "format", "location", "predicate", "remote", "session", "store"]
+MODULES = ["arrays", "access", "catalog", "features", "format", "location", "part_check", "predicate", "remote", "session", "store"]
 
 
 @pytest.mark.parametrize("name", MODULES)
