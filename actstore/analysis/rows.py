@@ -295,14 +295,15 @@ class Selection:
         info = self.info if run is None else run
         arrays = [info.array(store, h) for h in hooks]
         names = [f"{info.row(h)['path']} (run {info.name!r}, hook {h!r})" for h in hooks]
+        committed = [int(info.row(h)["n_rows"]) for h in hooks]
         step = int(block_rows or default_block_rows(sum(info.width(h) for h in hooks)))
         if step < 1:
             raise InputError(f"block_rows must be a positive number of rows, not {block_rows}")
         for a in range(0, src_rows.size, step):
             part = src_rows[a : a + step]
             cols = [
-                as_float(_arrays.read_rows(arr, part, name=nm), dtype)
-                for arr, nm in zip(arrays, names, strict=True)
+                as_float(_arrays.read_rows(arr, part, name=nm, committed=n), dtype)
+                for arr, nm, n in zip(arrays, names, committed, strict=True)
             ]
             yield slice(a, a + part.size), cols[0] if len(cols) == 1 else np.hstack(cols)
 

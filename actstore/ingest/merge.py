@@ -306,7 +306,9 @@ def _copy_block(
         arr = _arrays.open_array(st.location, a["path"], mode="r")
         # on-disk values (bfloat16 as its uint16 bits, as the ingest hands them to the
         # writer): the writer stores exactly these bits again
-        values = _arrays.read_rows(arr, np.arange(r0, r1), name=f"{st.root}/{a['path']}")
+        values = _arrays.read_rows(
+            arr, np.arange(r0, r1), name=f"{st.root}/{a['path']}", committed=r1
+        )
         rows_RD[a["hook"]] = _arrays.to_disk(values, _arrays.logical_dtype(arr))
     tok_cols = ", ".join(f'"{c}"' for c in TOKEN_COLUMNS)
     between = "run_id = ? AND prompt_idx >= ? AND prompt_idx < ?"

@@ -29,6 +29,7 @@ from actstore.errors import (
 from actstore.store import access as _access
 from actstore.store import arrays as _arrays
 from actstore.store.catalog import SCHEMA, Catalog, query_arrow
+from actstore.store.damage import survey
 from actstore.store.format import (
     CATALOG,
     FEATURES_DIR,
@@ -354,7 +355,9 @@ class Store:
             meta = self._meta_for_rows(rid, sel)
         else:
             sel, meta = self._select_rows(rid, n, where, params)
-        values = _access.read_rows(arr, sel, name=f"{info['path']} (run {run!r}, hook {hook!r})")
+        values = _access.read_rows(
+            arr, sel, name=f"{info['path']} (run {run!r}, hook {hook!r})", committed=n
+        )
         run_name = str(meta.column("run")[0]) if meta.num_rows else str(run)
         return Acts(run_name, hook, sel, meta, values)
 
@@ -378,11 +381,14 @@ class Store:
         name = f"{info['path']} (run {run!r}, hook {hook!r})"
         for a in range(0, sel.size, block_rows):
             rows = sel[a : a + block_rows]
-            vals = _access.read_rows(arr, rows, name=name)
+            vals = _access.read_rows(arr, rows, name=name, committed=int(info["n_rows"]))
             yield Acts(str(run), hook, rows, meta.slice(a, rows.size), vals)
 
     def info(self) -> dict[str, Any]:
         """A summary: format, runs (hooks, rows, status), prompt sets, SAEs, bytes on disk.
+
+        ``damage`` lists committed files that are missing or truncated
+        (:func:`actstore.store.damage.survey`; empty for a sound store).
 
         Example
         -------
@@ -417,6 +423,7 @@ class Store:
             "prompt_sets": prompt_sets,
             "saes": saes.arrow().to_pylist(),
             **counts,
+            "damage": survey(self),
         }
 
     # -- writing -----------------------------------------------------------------
