@@ -286,12 +286,8 @@ def ingest(
             device=device,
             quantization=quantization,
         )
-        target = job_obj.store
-        if shard is not None and store is None:
-            from actstore.ingest.shards import Shard
-
-            target = Shard.parse(shard).store_path(job_obj.store)
-        edit = edit_context_from_file(edit_path, target, job=job_obj)
+        # recorded in the job's store once the job is checked and holds the write lock
+        edit = functools.partial(edit_context_from_file, edit_path, job=job_obj)
     summary = run_job(
         job,
         quiet=quiet,

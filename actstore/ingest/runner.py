@@ -46,8 +46,10 @@ from actstore.ingest.job import IngestJob
 from actstore.ingest.models import (
     library_versions,
     load_checkpoint,
+    weights_hash,
 )
 from actstore.ingest.plan import Plan, PromptSet, plan
+from actstore.ingest.precheck import check_job_against_store
 from actstore.ingest.saes import encode_sparse
 from actstore.ingest.scorers import load_scorer, score_generations
 from actstore.ingest.shards import Shard, job_run_names, shard_batches
@@ -403,7 +405,7 @@ def run_job(
     job: IngestJob | str | os.PathLike[str],
     *,
     quiet: bool | None = None,
-    edit: EditContext | None = None,
+    edit: EditContext | Callable[[actstore.Store], EditContext] | None = None,
     shard: str | tuple[int, int] | Shard | None = None,
     **overrides: Any,
 ) -> IngestSummary:
@@ -421,6 +423,9 @@ def run_job(
     edit
         Apply an edit while running (``actstore.edits`` builds this); the runs are
         named ``{checkpoint}/{prompts}+{edit}`` and linked to the unedited runs.
+        A callable ``edit(store) -> EditContext`` is called once the job has been
+        checked against the store and its write lock is held, so a refused job
+        records no edit.
     shard
         Run only shard ``i`` of ``N`` (``"i/N"`` or ``(i, N)``): whole batches, into
         the store ``{store}.shard-i-of-N`` unless ``store=`` is given; combine the
@@ -445,11 +450,61 @@ def run_job(
         quiet = not sys.stderr.isatty()
     p = plan(job)
     fix_mmap_threshold()  # big per-batch buffers go back to the OS: memory stays flat
+    model_name = (
+        job.model.name or Path(job.model.path or next(iter(p.checkpoint_paths.values()))[0]).name
+    )
+    weights = {
+        label: weights_hash(path, rev or "main")
+        for label, (path, rev) in p.checkpoint_paths.items()
+    }
     st = actstore.open(job.store, create=True)
+
+    def check() -> None:  # what a write would refuse, refused before any write
+        ready = edit if isinstance(edit, EditContext) or edit is None else None
+        check_job_against_store(
+            st,
+            p,
+            weights=weights,
+            model_name=model_name,
+            run_name=None
+            if edit is not None and ready is None
+            else (lambda label, ps: _run_name(label, ps, ready)),
+            run_hash=lambda label, ps: _run_hash(p, weights[label], ps, ready, sh),
+        )
+
+    check()
+    with st.holding_write_lock():  # for the whole job: no other writer between its runs
+        check()  # again, now that nothing can change under us
+        if edit is not None and not isinstance(edit, EditContext):
+            edit = edit(st)  # records the edit: only once the job is known to be good
+        return _run_all(st, p, job, model_name, weights, edit, sh, quiet, t0)
+
+
+def _run_name(label: str, ps: PromptSet, edit: EditContext | None) -> str:
+    return f"{label}/{ps.spec.name}" + (f"+{edit.name}" if edit else "")
+
+
+def _run_hash(
+    p: Plan, weights: str, ps: PromptSet, edit: EditContext | None, shard: Shard | None
+) -> str:
+    job_hash = _job_hash(p, weights, ps, edit)
+    return job_hash if shard is None else shard.run_hash(job_hash)
+
+
+def _run_all(
+    st: actstore.Store,
+    p: Plan,
+    job: IngestJob,
+    model_name: str,
+    weights: dict[str, str],
+    edit: EditContext | None,
+    sh: Shard | None,
+    quiet: bool,
+    t0: float,
+) -> IngestSummary:
     model_id = objects.add_model(
         st,
-        name=job.model.name
-        or Path(job.model.path or next(iter(p.checkpoint_paths.values()))[0]).name,
+        name=model_name,
         family=p.adapter.family,
         architecture=(p.config.architectures or [""])[0],
         n_layers=p.adapter.n_layers,
@@ -470,6 +525,7 @@ def run_job(
             quantization=job.model.quantization,
             device=p.device,
             trust_remote_code=job.model.trust_remote_code,
+            known_hash=weights[c.label],
         )
         cid = objects.add_checkpoint(
             st,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,13 @@ def open(
     return Store(loc, read_only=read_only)
 
 
+class _Borrowed:
+    """The job's write lock as a writer sees it: releasing it is the job's business."""
+
+    def release(self) -> None:
+        """Nothing: the job releases its lock when it ends."""
+
+
 def make_catalog(loc: Location, store_id: str = "") -> Catalog:
     """The catalog of the store at ``loc``: the DuckDB file, or published generations.
 
@@ -177,6 +185,7 @@ class Store:
         ident = self.marker.get("store_id") or self.marker.get("created_at") or ""
         self.catalog = make_catalog(self.location, str(ident))
         self._session: Session | None = None
+        self._job_lock: Any = None  # the write lock held for a whole job (holding_write_lock)
 
     def __repr__(self) -> str:
         return f"<actstore.Store {str(self.root)!r}>"
@@ -444,13 +453,42 @@ class Store:
         """
         self._check_writable()
         rid = self.run_id(run)
-        lock = self._lock_for_writing()
+        lock: Any = _Borrowed() if self._job_lock is not None else self._lock_for_writing()
         try:
             self._recover_locked()
             return RunWriter(self, rid, commit_interval=commit_interval, lock=lock)
         except BaseException:
             lock.release()
             raise
+
+    @contextmanager
+    def holding_write_lock(self) -> Iterator[None]:
+        """Hold the store's write lock for a whole job; writers inside reuse it.
+
+        Taken before a job writes anything, so a second writer is refused before it
+        changes a byte, and released only when the job ends (not between its runs).
+
+        Example
+        -------
+        >>> import tempfile, actstore
+        >>> st = actstore.open(tempfile.mkdtemp() + "/s", create=True)
+        >>> with st.holding_write_lock():
+        ...     other = actstore.open(st.root)
+        ...     other.holding_write_lock().__enter__()
+        Traceback (most recent call last):
+        ...
+        actstore.errors.InputError: another process is writing to store ...
+        """
+        self._check_writable()
+        if self._job_lock is not None:
+            yield
+            return
+        self._job_lock = self._lock_for_writing()
+        try:
+            yield
+        finally:
+            lock, self._job_lock = self._job_lock, None
+            lock.release()
 
     def recover(self) -> list[str]:
         """Remove what a killed writer left that no commit references; return what was removed.
@@ -464,9 +502,9 @@ class Store:
         []
         """
         self._check_writable()
-        if self._held_elsewhere():
+        if self._job_lock is None and self._held_elsewhere():
             return []  # a live writer owns the uncommitted files
-        lock = self._lock_for_writing()
+        lock: Any = _Borrowed() if self._job_lock is not None else self._lock_for_writing()
         try:
             return self._recover_locked()
         finally:
