@@ -76,7 +76,9 @@ def parse_params(items: tuple[str, ...]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
-            raise click.BadParameter(f"{item!r} is not of the form key=value", param_hint="--param")
+            raise click.UsageError(
+                f"--param {item!r} is not of the form KEY=VALUE; write e.g. --param {item}=VALUE"
+            )
         k, v = item.split("=", 1)
         try:
             out[k] = json.loads(v)
@@ -122,7 +124,34 @@ def emit(table: pa.Table, fmt: str | None, output: Path | None) -> None:
         output.write_text(text)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineGroup(click.Group):
+    """A click group whose usage errors are one line (click prints usage and a hint first)."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        """Run the CLI; a usage error prints ``Error: ...`` on one line and exits with 2."""
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as e:
+            msg = e.format_message().rstrip(".")
+            param = getattr(e, "param", None)
+            if param is not None and isinstance(param.type, click.types.IntParamType):
+                msg += f"; write a whole number, e.g. {param.opts[0]} 16"
+            elif e.ctx is not None:
+                msg += f" (see `{e.ctx.command_path} --help`)"
+            click.echo(f"Error: {msg}", err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.exceptions.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(actstore.__version__, prog_name="actstore")
 def main() -> None:
     """actstore: an activation store and query engine for interpretability research.

@@ -34,6 +34,19 @@ SUFFIXES = {
 }
 
 
+def _check_utf8(path: Path) -> None:
+    """Raise naming the line and byte offset of the first byte that is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise InputError(
+            f"{path}:{line}: byte {e.start} (0x{data[e.start]:02x}) is not UTF-8 text ({e.reason});"
+            " save the prompt file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+        ) from None
+
+
 def _read_jsonl(path: Path) -> pa.Table:
     rows: list[dict[str, Any]] = []
     with path.open() as f:
@@ -97,6 +110,8 @@ def load_prompt_table(path: str | Path) -> pa.Table:
         )
     if not p.is_file():
         raise InputError(f"prompt file {p} does not exist")
+    if kind in ("jsonl", "csv"):
+        _check_utf8(p)
     if kind == "jsonl":
         return _read_jsonl(p)
     if kind == "csv":

@@ -48,7 +48,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from actstore.errors import InputError
+from actstore.errors import InputError, ReadOnlyError
 from actstore.store import arrays as _arrays
 from actstore.store import features as _features
 from actstore.store.part_check import checksum
@@ -512,7 +512,14 @@ class WriteLock:
 
     def __init__(self, root: Any) -> None:
         self.path = os.path.join(str(root), self.FILE)
-        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except PermissionError:
+            raise ReadOnlyError(
+                f"store {root} is not writable by this user; reading it works "
+                "(actstore.open(..., read_only=True), every query), writing needs write access "
+                "to the directory: write to a copy, or ask its owner"
+            ) from None
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
