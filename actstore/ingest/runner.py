@@ -112,6 +112,8 @@ class IngestSummary:
     store: str
     runs: list[RunSummary] = field(default_factory=list)
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    """Decisions worth knowing, e.g. a label column that mixes numbers and text (VARCHAR)."""
 
     def __str__(self) -> str:
         from actstore.store.render import render_table
@@ -127,8 +129,10 @@ class IngestSummary:
                 "seconds": [round(r.seconds, 1) for r in self.runs],
             }
         )
+        notes = "".join(f"\nnote: {n}" for n in self.notes)
         return (
             f"{render_table(t)}\nstore {self.store}: {len(self.runs)} runs in {self.seconds:.1f} s"
+            + notes
         )
 
 
@@ -514,7 +518,7 @@ def _run_all(
         tokenizer_hash=p.tok_hash,
         config=p.config.to_dict(),
     )
-    summary = IngestSummary(str(st.root))
+    summary = IngestSummary(str(st.root), notes=[n for ps in p.prompt_sets for n in ps.notes])
     for c in job.checkpoints:
         path, rev = p.checkpoint_paths[c.label]
         ck = load_checkpoint(
