@@ -39,7 +39,7 @@ import pyarrow as pa
 
 from actstore.errors import CorruptChunkError, InputError
 from actstore.store import part_check
-from actstore.store.catalog import query_arrow
+from actstore.store.catalog import damaged_catalog, query_arrow
 
 if TYPE_CHECKING:
     from actstore.store.store import Store
@@ -90,9 +90,15 @@ class Session:
     @contextmanager
     def connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """Yield the session connection with the catalog attached and views fresh."""
-        with self._lock, self.store.catalog.attached(self.con):
-            self._refresh()
-            yield self.con
+        try:
+            with self._lock, self.store.catalog.attached(self.con):
+                self._refresh()
+                yield self.con
+        except duckdb.Error as e:
+            bad = damaged_catalog(self.store.catalog.path, e)
+            if bad is None:
+                raise
+            raise bad from None
 
     def verify_features(self) -> None:
         """Verify every committed feature part not verified yet in this process.
@@ -166,6 +172,9 @@ class Session:
             try:
                 return query_arrow(con, query, params)
             except duckdb.Error as e:
+                bad = damaged_catalog(self.store.catalog.path, e)
+                if bad is not None:
+                    raise bad from None
                 first = " ".join(query.split())
                 raise InputError(f"SQL error: {str(e).splitlines()[0]} (in: {first[:300]})") from e
 
