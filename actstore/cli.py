@@ -127,12 +127,19 @@ def emit(table: pa.Table, fmt: str | None, output: Path | None) -> None:
 class OneLineGroup(click.Group):
     """A click group whose usage errors are one line (click prints usage and a hint first)."""
 
-    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+    def main(
+        self,
+        args: Any = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
         """Run the CLI; a usage error prints ``Error: ...`` on one line and exits with 2."""
         if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)
+            return super().main(args, prog_name, complete_var, False, **extra)
         try:
-            rv = super().main(*args, standalone_mode=False, **kwargs)
+            rv = super().main(args, prog_name, complete_var, False, **extra)
         except click.UsageError as e:
             msg = e.format_message().rstrip(".")
             param = getattr(e, "param", None)

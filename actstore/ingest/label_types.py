@@ -87,7 +87,9 @@ def from_rows(rows: Sequence[dict[str, Any]], lines: Sequence[int], where: str) 
             if not all(v is None or isinstance(v, str | int | float | bool) for v in values):
                 raise
         num = next((i, v) for i, v in enumerate(values) if v is not None and not isinstance(v, str))
-        txt = next(((i, v) for i, v in enumerate(values) if isinstance(v, str)), None)
+        txt: tuple[int, Any] | None = next(
+            ((i, v) for i, v in enumerate(values) if isinstance(v, str)), None
+        )
         if txt is None:  # booleans mixed with numbers, no words: still text, as pandas keeps it
             txt = next((i, v) for i, v in enumerate(values) if isinstance(v, bool))
         notes[k] = _note(where, k, (lines[num[0]], num[1]), (lines[txt[0]], txt[1]))
