@@ -301,9 +301,10 @@ def missing_shard(name: str, shard: int, shard_rows: int, chunk_rows: int, n_row
     """
     a, b = shard * shard_rows, min((shard + 1) * shard_rows, n_rows)
     per = shard_rows // chunk_rows
+    last = min(shard * per + per, -(-b // chunk_rows)) - 1
     return (
         f"array {name}: shard file c/{shard}/0 (rows {a}-{b - 1}, chunks {shard * per}-"
-        f"{shard * per + per - 1}) is missing although its rows are committed; the store is "
+        f"{last}) is missing although its rows are committed; the store is "
         "damaged: restore the file from a backup or re-ingest this run into a new store"
     )
 
