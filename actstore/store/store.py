@@ -11,8 +11,6 @@ Example
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -32,6 +30,7 @@ from actstore.errors import (
 from actstore.store import access as _access
 from actstore.store import arrays as _arrays
 from actstore.store.catalog import SCHEMA, Catalog, query_arrow
+from actstore.store.create import create_local
 from actstore.store.damage import survey
 from actstore.store.format import (
     CATALOG,
@@ -88,7 +87,7 @@ def open(
             raise NotAStoreError(f"{loc.url} is a file; a store needs a directory path")
         if loc.is_local:
             try:
-                _create_local(loc.local_path)
+                create_local(loc.local_path, _init_store)
             except PermissionError as e:
                 raise ReadOnlyError(
                     f"cannot create a store at {loc.local_path}: {e.strerror or 'permission denied'}"
@@ -127,66 +126,6 @@ def _init_store(loc: Location) -> None:
             [str(FORMAT_VERSION)],
         )
     write_marker(loc, store_id)
-
-
-#: What a store whose creation was killed can hold (an empty catalog, no marker).
-_HALF_MADE = frozenset({CATALOG, CATALOG + ".wal", WriteLock.FILE})
-
-
-def _create_local(root: Path) -> None:
-    """Create the store at ``root`` atomically: built in a sibling directory, then renamed.
-
-    A kill at any point leaves either no store (and at most a hidden sibling
-    ``.NAME.creating-PID-*``, removed by the next creation once its process is
-    gone) or a whole one. A directory holding only what an older, killed creation
-    left (an empty catalog without the marker) is finished the same way.
-    """
-    if root.is_file():
-        raise NotAStoreError(f"{root} is a file; a store needs a directory path")
-    if root.is_dir():
-        left = {p.name for p in root.iterdir()}
-        if left and not left <= _HALF_MADE:
-            raise NotAStoreError(
-                f"{root} is a non-empty directory that is not a store; choose a new or "
-                "empty directory for the store"
-            )
-        for name in left:  # a killed creation's empty catalog: made again below
-            (root / name).unlink()
-    parent = root.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    for old in parent.glob(f".{root.name}.creating-*"):
-        pid = old.name.rsplit("-", 2)[-2]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(old, ignore_errors=True)
-    tmp = parent / f".{root.name}.creating-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        if root.is_symlink():  # renaming onto it would replace the link, not its target
-            raise PermissionError
-        tmp.mkdir()
-    except PermissionError:  # the parent is not ours to write, the (empty) directory may be
-        if not root.is_dir():
-            raise
-        _init_store(Location.parse(root))
-        return
-    try:
-        _init_store(Location.parse(tmp))
-        try:
-            os.rename(tmp, root)  # replaces an empty directory; fails on a non-empty one
-        except OSError:
-            if not (root / MARKER).exists():  # not another process's new store
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def make_catalog(loc: Location, store_id: str = "") -> Catalog:
