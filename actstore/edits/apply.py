@@ -420,5 +420,6 @@ def run_edited(
     if not isinstance(job, IngestJob):
         job = IngestJob.from_toml(Path(job))
     job = job.with_overrides(**overrides)
-    ctx = edit_context(job.store, _as_spec(edit), job=job)
-    return run_job(job, quiet=quiet, edit=ctx)
+    spec = _as_spec(edit)
+    # recorded once the job is checked against the store and holds its write lock
+    return run_job(job, quiet=quiet, edit=lambda st: edit_context(st, spec, job=job))

@@ -265,8 +265,10 @@ def run_sweep(
     st = _open(job.store)
     for spec in specs:  # everything is checked before anything is written
         _check_job(resolve_edit(spec, st), job, st)
-    ctxs = [edit_context(st, spec) for spec in specs]
-    return run_job(job, quiet=quiet, edit=ctxs)
+    # recorded once the job is checked against the store and holds its write lock
+    return run_job(
+        job, quiet=quiet, edit=lambda st: [edit_context(st, spec, job=job) for spec in specs]
+    )
 
 
 def _members(st: Store, name: str) -> list[tuple[str, dict[str, Any]]]:

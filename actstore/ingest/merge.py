@@ -54,7 +54,7 @@ from actstore.ingest.shard_stores import ShardRun, ShardStore, index_shards, rea
 from actstore.ingest.shards import Shard
 from actstore.store import arrays as _arrays
 from actstore.store import features as _features
-from actstore.store import objects
+from actstore.store import objects, part_check
 from actstore.store.location import Location
 from actstore.store.store import Store
 from actstore.store.writer import TOKEN_COLUMNS, RunWriter
@@ -306,7 +306,9 @@ def _copy_block(
         arr = _arrays.open_array(st.location, a["path"], mode="r")
         # on-disk values (bfloat16 as its uint16 bits, as the ingest hands them to the
         # writer): the writer stores exactly these bits again
-        values = _arrays.read_rows(arr, np.arange(r0, r1), name=f"{st.root}/{a['path']}")
+        values = _arrays.read_rows(
+            arr, np.arange(r0, r1), name=f"{st.root}/{a['path']}", committed=r1
+        )
         rows_RD[a["hook"]] = _arrays.to_disk(values, _arrays.logical_dtype(arr))
     tok_cols = ", ".join(f'"{c}"' for c in TOKEN_COLUMNS)
     between = "run_id = ? AND prompt_idx >= ? AND prompt_idx < ?"
@@ -331,6 +333,12 @@ def _copy_block(
             "AND first_row < ? AND first_row + n_rows > ? ORDER BY first_row",
             [rid, theirs, r1, r0],
         ).column("path")
+        paths = set(parts.to_pylist())
+        with st.session.connection() as con:
+            checked = [
+                p for p in part_check.parts_of(con, run_id=rid, sae_id=theirs) if p.path in paths
+            ]
+        part_check.verify(st.location, checked)
         tables = [_features.read_part(st.location, p) for p in parts.to_pylist()]
         t = pa.concat_tables(tables) if tables else _features.SCHEMA.empty_table()
         rows = t.column("row").to_numpy()

@@ -152,8 +152,11 @@ def load_checkpoint(
     quantization: str = "none",
     device: str = "cpu",
     trust_remote_code: bool = False,
+    known_hash: str | None = None,
 ) -> LoadedCheckpoint:
     """Load a causal LM in eval mode on ``device``.
+
+    ``known_hash`` is its :func:`weights_hash` when the caller computed it already.
 
     Example
     -------
@@ -199,7 +202,7 @@ def load_checkpoint(
         label,
         path,
         revision,
-        weights_hash(path, revision or "main"),
+        known_hash or weights_hash(path, revision or "main"),
         device,
         dtype,
         quantization,

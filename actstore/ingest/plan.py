@@ -15,7 +15,7 @@ Example
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from actstore.ingest import positions as _pos
 from actstore.ingest.derived import check_compatible, iter_derived, source_labels
 from actstore.ingest.families import adapter_for, expand_hooks
 from actstore.ingest.job import IngestJob
+from actstore.ingest.label_types import mixed_notes
 from actstore.ingest.models import load_tokenizer, resolve_device, tokenizer_hash
 from actstore.ingest.prompts import load_prompt_table, prepare_prompts
 from actstore.ingest.saes import LoadedSAE, check_sae, load_sae
@@ -42,6 +43,8 @@ class PromptSet:
     table: pa.Table
     hash: str
     tokenized: list[_pos.TokenizedPrompt]
+    notes: list[str] = field(default_factory=list)
+    """How mixed label columns were typed (``actstore.ingest.label_types``)."""
 
 
 @dataclass
@@ -179,8 +182,11 @@ def plan(job: IngestJob) -> Plan:
     policies = _pos.parse_positions(job.capture.positions)
     sets = []
     for ps in job.prompts:
+        raw = load_prompt_table(ps.path)
+        # label columns stored as VARCHAR by the one rule for every format, reported
+        notes = mixed_notes(raw, text=ps.text)
         table = prepare_prompts(
-            load_prompt_table(ps.path),
+            raw.replace_schema_metadata(None),
             name=ps.name,
             text=ps.text,
             messages=ps.messages,
@@ -191,7 +197,7 @@ def plan(job: IngestJob) -> Plan:
         toks = _pos.tokenize(
             tokenizer, texts, max_length=job.capture.max_length, truncation=job.capture.truncation
         )
-        sets.append(PromptSet(ps, table, objects.table_hash(table), toks))
+        sets.append(PromptSet(ps, table, objects.table_hash(table), toks, notes))
     _check_labels(job, sets)
     saes = []
     for s in job.saes:

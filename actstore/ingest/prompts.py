@@ -23,6 +23,7 @@ from typing import Any
 import pyarrow as pa
 
 from actstore.errors import InputError
+from actstore.ingest.label_types import from_rows, unify_csv
 
 SUFFIXES = {
     ".jsonl": "jsonl",
@@ -34,8 +35,22 @@ SUFFIXES = {
 }
 
 
+def _check_utf8(path: Path) -> None:
+    """Raise naming the line and byte offset of the first byte that is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise InputError(
+            f"{path}:{line}: byte {e.start} (0x{data[e.start]:02x}) is not UTF-8 text ({e.reason});"
+            " save the prompt file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+        ) from None
+
+
 def _read_jsonl(path: Path) -> pa.Table:
     rows: list[dict[str, Any]] = []
+    lines: list[int] = []
     with path.open() as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -51,30 +66,16 @@ def _read_jsonl(path: Path) -> pa.Table:
                     f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}"
                 )
             rows.append(obj)
+            lines.append(lineno)
     if not rows:
         return pa.table({})
-    keys: dict[str, None] = {}
-    for r in rows:
-        keys.update(dict.fromkeys(r))
     try:
-        return (
-            pa.Table.from_pylist(rows, schema=None)
-            if all(r.keys() == keys.keys() for r in rows)
-            else pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows])
-        )
+        return from_rows(rows, lines, str(path))
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-        for k in keys:  # find the line whose value does not fit the column's type
-            try:
-                pa.array([r.get(k) for r in rows])
-            except (pa.ArrowInvalid, pa.ArrowTypeError):
-                kinds: dict[str, int] = {}
-                for i, r in enumerate(rows):
-                    kinds.setdefault(type(r.get(k)).__name__, i)
-                raise InputError(
-                    f"{path}: column {k!r} mixes types {sorted(kinds)} (e.g. line {max(kinds.values()) + 1}); "
-                    "give each column one type"
-                ) from None
-        raise InputError(f"{path}: cannot build a table ({e})") from None
+        raise InputError(
+            f"{path}: a column mixes JSON objects or lists with other values ({e}); give each "
+            "column one type"
+        ) from None
 
 
 def load_prompt_table(path: str | Path) -> pa.Table:
@@ -97,13 +98,15 @@ def load_prompt_table(path: str | Path) -> pa.Table:
         )
     if not p.is_file():
         raise InputError(f"prompt file {p} does not exist")
+    if kind in ("jsonl", "csv"):
+        _check_utf8(p)
     if kind == "jsonl":
         return _read_jsonl(p)
     if kind == "csv":
         import pyarrow.csv as pcsv
 
         try:
-            return pcsv.read_csv(p)
+            return unify_csv(pcsv.read_csv(p), str(p))
         except pa.ArrowInvalid as e:
             raise InputError(f"{p}: malformed CSV ({e})") from None
     import pyarrow.parquet as pq

@@ -49,8 +49,10 @@ from actstore.ingest.job import IngestJob
 from actstore.ingest.models import (
     library_versions,
     load_checkpoint,
+    weights_hash,
 )
 from actstore.ingest.plan import Plan, PromptSet, plan
+from actstore.ingest.precheck import check_job_against_store
 from actstore.ingest.saes import encode_sparse
 from actstore.ingest.scorers import load_scorer, score_generations
 from actstore.ingest.shards import Shard, job_run_names, shard_batches
@@ -119,6 +121,8 @@ class IngestSummary:
     store: str
     runs: list[RunSummary] = field(default_factory=list)
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    """Decisions worth knowing, e.g. a label column that mixes numbers and text (VARCHAR)."""
 
     def __str__(self) -> str:
         from actstore.store.render import render_table
@@ -134,8 +138,10 @@ class IngestSummary:
                 "seconds": [round(r.seconds, 1) for r in self.runs],
             }
         )
+        notes = "".join(f"\nnote: {n}" for n in self.notes)
         return (
             f"{render_table(t)}\nstore {self.store}: {len(self.runs)} runs in {self.seconds:.1f} s"
+            + notes
         )
 
 
@@ -469,7 +475,10 @@ def run_job(
     job: IngestJob | str | os.PathLike[str],
     *,
     quiet: bool | None = None,
-    edit: EditContext | list[EditContext] | None = None,
+    edit: EditContext
+    | list[EditContext]
+    | Callable[[actstore.Store], EditContext | list[EditContext]]
+    | None = None,
     shard: str | tuple[int, int] | Shard | None = None,
     **overrides: Any,
 ) -> IngestSummary:
@@ -488,6 +497,9 @@ def run_job(
         Apply an edit while running (``actstore.edits`` builds this); the runs are
         named ``{checkpoint}/{prompts}+{edit}`` and linked to the unedited runs.
         A list (a sweep's settings) runs every edit with each checkpoint loaded once.
+        A callable ``edit(store) -> EditContext`` (or a list of them) is called once
+        the job has been checked against the store and its write lock is held, so a
+        refused job records no edit.
     shard
         Run only shard ``i`` of ``N`` (``"i/N"`` or ``(i, N)``): whole batches, into
         the store ``{store}.shard-i-of-N`` unless ``store=`` is given; combine the
@@ -512,11 +524,63 @@ def run_job(
         quiet = not sys.stderr.isatty()
     p = plan(job)
     fix_mmap_threshold()  # big per-batch buffers go back to the OS: memory stays flat
+    model_name = (
+        job.model.name or Path(job.model.path or next(iter(p.checkpoint_paths.values()))[0]).name
+    )
+    weights = {
+        label: weights_hash(path, rev or "main")
+        for label, (path, rev) in p.checkpoint_paths.items()
+    }
     st = actstore.open(job.store, create=True)
+
+    def check() -> None:  # what a write would refuse, refused before any write
+        built = edit if isinstance(edit, list) else [edit]
+        for e in built:
+            ready = e if isinstance(e, EditContext) or e is None else None
+            check_job_against_store(
+                st,
+                p,
+                weights=weights,
+                model_name=model_name,
+                run_name=None
+                if e is not None and ready is None
+                else (lambda label, ps, ready=ready: _run_name(label, ps, ready)),
+                run_hash=lambda label, ps, ready=ready: _run_hash(p, weights[label], ps, ready, sh),
+            )
+
+    check()
+    with st.holding_write_lock():  # for the whole job: no other writer between its runs
+        check()  # again, now that nothing can change under us
+        if edit is not None and not isinstance(edit, EditContext | list):
+            edit = edit(st)  # records the edit: only once the job is known to be good
+        return _run_all(st, p, job, model_name, weights, edit, sh, quiet, t0)
+
+
+def _run_name(label: str, ps: PromptSet, edit: EditContext | None) -> str:
+    return f"{label}/{ps.spec.name}" + (f"+{edit.name}" if edit else "")
+
+
+def _run_hash(
+    p: Plan, weights: str, ps: PromptSet, edit: EditContext | None, shard: Shard | None
+) -> str:
+    job_hash = _job_hash(p, weights, ps, edit)
+    return job_hash if shard is None else shard.run_hash(job_hash)
+
+
+def _run_all(
+    st: actstore.Store,
+    p: Plan,
+    job: IngestJob,
+    model_name: str,
+    weights: dict[str, str],
+    edit: EditContext | list[EditContext] | None,
+    sh: Shard | None,
+    quiet: bool,
+    t0: float,
+) -> IngestSummary:
     model_id = objects.add_model(
         st,
-        name=job.model.name
-        or Path(job.model.path or next(iter(p.checkpoint_paths.values()))[0]).name,
+        name=model_name,
         family=p.adapter.family,
         architecture=(p.config.architectures or [""])[0],
         n_layers=p.adapter.n_layers,
@@ -526,7 +590,7 @@ def run_job(
         tokenizer_hash=p.tok_hash,
         config=p.config.to_dict(),
     )
-    summary = IngestSummary(str(st.root))
+    summary = IngestSummary(str(st.root), notes=[n for ps in p.prompt_sets for n in ps.notes])
     for c in job.checkpoints:
         if c.derived:
             recipe = c.interpolate or c.task_vector
@@ -539,8 +603,9 @@ def run_job(
                     st, model_id=model_id, label=label, weights_hash=dk.weights_hash
                 )
                 dk.on_build = record_derived(st, cid, dk)
-                for ps in p.prompt_sets:
-                    summary.runs.append(_ingest_run(st, p, dk, ps, cid, quiet, edit, sh))
+                for e in edit if isinstance(edit, list) else [edit]:
+                    for ps in p.prompt_sets:
+                        summary.runs.append(_ingest_run(st, p, dk, ps, cid, quiet, e, sh))
                 del dk
             continue
         path, rev = p.checkpoint_paths[c.label]
@@ -552,6 +617,7 @@ def run_job(
             quantization=job.model.quantization,
             device=p.device,
             trust_remote_code=job.model.trust_remote_code,
+            known_hash=weights[c.label],
         )
         cid = objects.add_checkpoint(
             st,

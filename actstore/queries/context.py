@@ -27,7 +27,9 @@ import duckdb
 
 from actstore.errors import InputError, NotFoundError, RunNotFoundError
 from actstore.queries.cache import feature_cache
+from actstore.store import part_check
 from actstore.store.ids import as_id
+from actstore.store.predicate import expression
 
 if TYPE_CHECKING:
     from actstore.store.store import Store
@@ -205,30 +207,36 @@ class Context:
         return quote_ident(name)
 
     def sql(self, param: str, text: str, kinds: tuple[str, ...], what: str) -> str:
-        """Check that ``text`` binds over labeled_tokens with a type in ``kinds``; return it.
+        """Check that ``text`` is one expression binding over labeled_tokens with a type in ``kinds``.
+
+        DuckDB's parser checks it is exactly one expression first
+        (:func:`actstore.store.predicate.expression`): a second statement, ``COPY``,
+        a table function or a file read is refused before anything runs.
 
         Example
         -------
         >>> ctx.sql("label", "reward * 2", NUMERIC_TYPES, "numeric expression")  # doctest: +SKIP
-        'reward * 2'
+        '(\\nreward * 2\\n)'
         """
+        text = expression(text, what=f"{self.query}: {param}")
         try:
-            rows = self.con.execute(f"DESCRIBE SELECT ({text}) AS x FROM labeled_tokens").fetchall()
+            rows = self.con.execute(f"DESCRIBE SELECT {text} AS x FROM labeled_tokens").fetchall()
         except duckdb.Error as e:
             first = str(e).splitlines()[0]
-            if _IDENT.match(text.strip()) and text.strip() not in self.columns():
+            given = text[2:-2]
+            if _IDENT.match(given.strip()) and given.strip() not in self.columns():
                 raise NotFoundError(
-                    f"{self.query}: {param} {text!r} is not a column of labeled_tokens; "
+                    f"{self.query}: {param} {given!r} is not a column of labeled_tokens; "
                     f"columns: {list(self.columns())}"
                 ) from None
             raise InputError(
-                f"{self.query}: {param} {text!r} is not a valid SQL {what} over labeled_tokens "
+                f"{self.query}: {param} {given!r} is not a valid SQL {what} over labeled_tokens "
                 f"({first}); columns: {list(self.columns())}"
             ) from None
         typ = str(rows[0][1])
         if typ not in kinds and typ != "NULL":
             raise InputError(
-                f"{self.query}: {param} {text!r} is {typ}, expected a {what}"
+                f"{self.query}: {param} {text[2:-2]!r} is {typ}, expected a {what}"
                 + (" (compare it, e.g. `label = 1`)" if what == "boolean predicate" else "")
             )
         return text
@@ -239,7 +247,7 @@ class Context:
         Example
         -------
         >>> ctx.predicate("positions", "position_role = 'last'")  # doctest: +SKIP
-        "position_role = 'last'"
+        "(\\nposition_role = 'last'\\n)"
         """
         if text is None:
             return "true"
@@ -253,6 +261,10 @@ class Context:
         >>> ctx.features(2, 1)  # doctest: +SKIP
         'memory.main._actstore_fc_r2_s1'
         """
+        # a damaged part raises here, naming run, SAE and part, before its rows are used
+        part_check.verify(
+            self.store.location, part_check.parts_of(self.con, run_id=rid, sae_id=sid)
+        )
         table = feature_cache(self.store).source(
             self.con, self.store.location.url, rid, sid, policy=self.cache
         )

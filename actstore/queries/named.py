@@ -32,8 +32,10 @@ query that lists features lists all ``d_sae`` of them (a feature that never
 fires has mean 0).
 
 SQL predicates (``group_a``, ``positions``...) are SQL by nature and are
-inserted as SQL, after being checked to bind as a boolean over
-``labeled_tokens``; values (names, numbers, choices) are always bound parameters.
+inserted as SQL, after DuckDB's parser checked that each is exactly one
+expression (``actstore.store.predicate``: no second statement, ``COPY``, table
+function or file read) that binds as a boolean over ``labeled_tokens``; values
+(names, numbers, choices) are always bound parameters.
 
 Example
 -------
@@ -59,6 +61,7 @@ from actstore.queries.cache import POLICIES
 from actstore.queries.context import NUMERIC_TYPES, Context
 from actstore.queries.macros import ensure_installed
 from actstore.queries.signatures import FORMS, PARAM_TYPES, PARAMS, SIGNATURES, QueryParam
+from actstore.store import part_check
 from actstore.store.catalog import query_arrow
 from actstore.store.result import Result
 
@@ -172,6 +175,7 @@ def _build_top_activations(ctx: Context, v: dict[str, Any]) -> str:
         if v["positions"] is not None:
             sel = ctx.tokens(rid, v["positions"], ", lt.run_id")
     else:
+        part_check.verify(ctx.store.location, part_check.parts_of(ctx.con, sae_id=sid))
         src = (
             f'(SELECT fv.run_id, fv."row", fv.feature, fv.value FROM features fv '
             f"WHERE fv.sae_id = {ctx.bind(sid)})"

@@ -193,7 +193,9 @@ class ArrayFunctions:
                         f"row {int(want.max())} is not a committed row of run {r_name!r} hook "
                         f"{h_name!r} (rows 0-{n_rows - 1}); take rows from labeled_tokens"
                     )
-                x_ND = access.read_rows(arr, want, name=label).astype(np.float32, copy=False)
+                x_ND = access.read_rows(arr, want, name=label, committed=n_rows).astype(
+                    np.float32, copy=False
+                )
                 if direction is None:
                     out_N[idx] = np.sqrt(np.einsum("nd,nd->n", x_ND, x_ND, dtype=np.float64))
                     continue

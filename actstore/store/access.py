@@ -213,8 +213,14 @@ def _corrupt(lay: ShardLayout, name: str, shard: int, inner: int, why: str) -> C
     )
 
 
-def _check_chunks(lay: ShardLayout, sh: _Shard, name: str, s: int, chunks: np.ndarray) -> None:
-    """Verify the checksum of every chunk in ``chunks`` not verified before."""
+def _check_chunks(
+    lay: ShardLayout, sh: _Shard, name: str, s: int, chunks: np.ndarray, committed: int | None
+) -> None:
+    """Verify the checksum of every chunk in ``chunks`` not verified before.
+
+    A chunk absent from the index reads as the fill value, unless it holds one of
+    the first ``committed`` rows: then the shard is damaged.
+    """
     todo = chunks[~sh.verified[chunks]]
     if todo.size == 0:
         return
@@ -225,6 +231,11 @@ def _check_chunks(lay: ShardLayout, sh: _Shard, name: str, s: int, chunks: np.nd
     for c in todo.tolist():
         off, nb = sh.offsets[c], sh.nbytes[c]
         if off == _EMPTY:
+            if (
+                committed is not None
+                and (s * lay.chunks_per_shard + c) * lay.chunk_rows < committed
+            ):
+                raise _corrupt(lay, name, s, c, "it is missing from the shard, yet committed")
             sh.verified[c] = True  # never written: reads as the fill value
             continue
         off_i, nb_i = int(off), int(nb)
@@ -247,15 +258,20 @@ def _gather(
     name: str,
     dest: np.ndarray,
     at: np.ndarray | slice,
+    committed: int | None,
 ) -> None:
     """Copy ``rows`` (sorted, all in shard ``s``) into ``dest[at]``."""
-    if sh is None:  # shard never written
+    if sh is None:  # shard never written: the fill value, unless it holds committed rows
+        if committed is not None and int(rows[0]) < committed:
+            raise CorruptChunkError(
+                _arrays.missing_shard(name, s, lay.shard_rows, lay.chunk_rows, committed)
+            )
         dest[at] = lay.fill_value
         return
     loc = rows - s * lay.shard_rows
     inner = loc // lay.chunk_rows
     within = loc % lay.chunk_rows
-    _check_chunks(lay, sh, name, s, np.unique(inner))
+    _check_chunks(lay, sh, name, s, np.unique(inner), committed)
     if sh.view is not None and inner[0] >= sh.first and inner[-1] < sh.first + len(sh.view):
         # one gather for the whole shard (rows are sorted, so inner is too)
         dest[at] = sh.view[inner - sh.first, within]
@@ -268,7 +284,7 @@ def _gather(
     for a, b in zip(starts, ends, strict=True):
         c = int(inner[a])
         where = slice(base + a, base + b) if isinstance(at, slice) else idx[a:b]
-        if sh.offsets[c] == _EMPTY:
+        if sh.offsets[c] == _EMPTY:  # never written (and holding no committed row)
             dest[where] = lay.fill_value
             continue
         chunk = np.frombuffer(
@@ -283,6 +299,7 @@ def read_rows(
     *,
     name: str | None = None,
     out: np.ndarray | None = None,
+    committed: int | None = None,
 ) -> np.ndarray:
     """Read rows (any order, repeats allowed) in their logical dtype, like ``arrays.read_rows``.
 
@@ -299,6 +316,10 @@ def read_rows(
         How errors name the array (default: its store path).
     out
         Optional (N, D) array to fill and return.
+    committed
+        The run's committed rows (``arrays.n_rows``): a shard or chunk holding one
+        of them that is absent raises :class:`CorruptChunkError` instead of reading
+        as the fill value (zeros).
 
     Returns
     -------
@@ -316,7 +337,7 @@ def read_rows(
     """
     lay = shard_layout(arr)
     if lay is None:
-        return _arrays.read_rows(arr, rows, name=name, out=out)
+        return _arrays.read_rows(arr, rows, name=name, out=out, committed=committed)
     name = name or str(arr.store)
     if isinstance(rows, slice):
         rows = np.arange(*rows.indices(lay.n_rows))
@@ -349,7 +370,7 @@ def read_rows(
             continue
         s = int(shard_of[a])
         at = slice(a, b) if order is None else order[a:b]
-        _gather(lay, _shard(lay, s), s, sorted_N[a:b], name, result, at)
+        _gather(lay, _shard(lay, s), s, sorted_N[a:b], name, result, at, committed)
     if direct:
         assert out is not None
         return out

@@ -37,6 +37,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 import zarr
+import zarr.errors
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
 
 from actstore.errors import CorruptChunkError, InputError
@@ -204,7 +205,15 @@ def open_array(root: str | Path | Location, relpath: str, mode: str = "r+") -> z
     # after: without write_empty_chunks zarr compares every chunk with the fill value
     # (half the write speed) and leaves out equal ones, and shardio would not apply.
     loc = Location.parse(root)
-    arr = zarr.open_array(store=loc.zarr_store(relpath, read_only=mode == "r"), mode=mode)
+    try:
+        arr = zarr.open_array(store=loc.zarr_store(relpath, read_only=mode == "r"), mode=mode)
+    except (FileNotFoundError, KeyError, ValueError, zarr.errors.BaseZarrError) as e:
+        first = str(e).splitlines()[0] if str(e) else "missing"
+        raise CorruptChunkError(
+            f"array {relpath} of store {loc.url} cannot be opened ({type(e).__name__}: {first}); "
+            "the store is damaged: restore the array's directory from a backup or re-ingest "
+            "its run into a new store"
+        ) from None
     return arr.with_config({"write_empty_chunks": True})
 
 
@@ -309,6 +318,47 @@ def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
     return [(int(rows[s]), int(rows[e - 1]) + 1) for s, e in zip(starts, ends, strict=True)]
 
 
+def missing_shard(name: str, shard: int, shard_rows: int, chunk_rows: int, n_rows: int) -> str:
+    """The message for a committed shard file that is absent (a read would give zeros).
+
+    Example
+    -------
+    >>> missing_shard("arrays/run000001/h", 1, 8, 4, 20)[:61]
+    'array arrays/run000001/h: shard file c/1/0 (rows 8-15, chunks'
+    """
+    a, b = shard * shard_rows, min((shard + 1) * shard_rows, n_rows)
+    per = shard_rows // chunk_rows
+    last = min(shard * per + per, -(-b // chunk_rows)) - 1
+    return (
+        f"array {name}: shard file c/{shard}/0 (rows {a}-{b - 1}, chunks {shard * per}-"
+        f"{last}) is missing although its rows are committed; the store is "
+        "damaged: restore the file from a backup or re-ingest this run into a new store"
+    )
+
+
+#: Shard objects of remote arrays seen to exist (a local file is checked on every read).
+_PRESENT: set[tuple[int, str]] = set()
+
+
+def _require_shards(arr: zarr.Array, rows: np.ndarray, name: str, committed: int) -> None:
+    """Raise if a shard file holding ``rows`` (committed rows) is absent: zarr reads zeros."""
+    from zarr.core.sync import sync
+    from zarr.storage import LocalStore
+
+    chunk_rows = arr.chunks[0]
+    shard_rows = arr.shards[0] if arr.shards else chunk_rows
+    local = isinstance(arr.store, LocalStore)
+    prefix = f"{arr.path}/" if arr.path else ""
+    for s in np.unique(rows // shard_rows).tolist():
+        key = f"{prefix}c/{int(s)}/0"
+        if not local and (id(arr.store), key) in _PRESENT:
+            continue
+        if not sync(arr.store.exists(key)):
+            raise CorruptChunkError(missing_shard(name, int(s), shard_rows, chunk_rows, committed))
+        if not local:
+            _PRESENT.add((id(arr.store), key))
+
+
 def _locate_corruption(arr: zarr.Array, rows: np.ndarray, name: str, err: Exception) -> Exception:
     chunk_rows = arr.chunks[0]
     shard_rows = arr.shards[0] if arr.shards else chunk_rows
@@ -332,12 +382,14 @@ def read_rows(
     *,
     name: str | None = None,
     out: np.ndarray | None = None,
+    committed: int | None = None,
 ) -> np.ndarray:
     """Read rows (any order, repeats allowed) in their logical dtype.
 
     Only the chunks that hold the rows are read. A chunk whose checksum fails raises
     :class:`CorruptChunkError` naming the array and chunk; wrong numbers are never
-    returned.
+    returned. With ``committed`` (the run's ``arrays.n_rows``), a shard file holding
+    one of those rows that is absent raises too (zarr would read it as zeros).
 
     Example
     -------
@@ -355,6 +407,8 @@ def read_rows(
     if rows.size and (rows.min() < 0 or rows.max() >= arr.shape[0]):
         raise InputError(f"array {name}: rows outside 0-{arr.shape[0] - 1} requested")
     uniq, inverse = np.unique(rows, return_inverse=True)
+    if committed is not None:  # a committed row's shard may not read as zeros
+        _require_shards(arr, uniq[uniq < committed], name, committed)
     buf = np.empty((uniq.size, arr.shape[1]), dtype=arr.dtype)
     runs = _runs(uniq)
     for attempt in range(READ_ATTEMPTS):

@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 import duckdb
 import pyarrow as pa
 
-from actstore.errors import StoreLockedError
+from actstore.errors import CorruptChunkError, StoreLockedError
 
 T = TypeVar("T")
 
@@ -79,7 +79,7 @@ CREATE TABLE IF NOT EXISTS saes (
     config JSON, created_at TIMESTAMP);
 CREATE TABLE IF NOT EXISTS feature_files (
     run_id INTEGER, sae_id INTEGER, path VARCHAR, first_row BIGINT,
-    n_rows BIGINT, n_nonzero BIGINT);
+    n_rows BIGINT, n_nonzero BIGINT, n_bytes BIGINT, crc32c BIGINT);
 CREATE TABLE IF NOT EXISTS generations (
     run_id INTEGER, prompt_idx INTEGER, sample_idx INTEGER, text VARCHAR,
     token_ids INTEGER[], n_tokens INTEGER);
@@ -263,8 +263,33 @@ class Catalog:
                     return query_arrow(mem, query, params)
                 finally:
                     mem.execute("USE memory")
+        except duckdb.Error as e:
+            bad = damaged_catalog(self.path, e)
+            if bad is None:
+                raise
+            raise bad from None
         finally:
             mem.close()
+
+
+_CORRUPT = ("corrupt database", "checksum", "not a valid duckdb database", "failed to read")
+
+
+def damaged_catalog(path: Any, e: BaseException) -> CorruptChunkError | None:
+    """A one-line :class:`CorruptChunkError` if ``e`` is DuckDB finding the catalog damaged.
+
+    Example
+    -------
+    >>> str(damaged_catalog("s/catalog.duckdb", duckdb.Error("Corrupt database file: x")))[:44]
+    'catalog s/catalog.duckdb is damaged (Corrupt'
+    """
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if not isinstance(e, duckdb.Error) or not any(m in first.lower() for m in _CORRUPT):
+        return None
+    return CorruptChunkError(
+        f"catalog {path} is damaged ({first}); its tables cannot be trusted: restore the store "
+        "from a backup"
+    )
 
 
 def query_arrow(

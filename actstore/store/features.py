@@ -54,8 +54,7 @@ def part_relpath(run_id: int, sae_id: int, first_row: int, first_batch: int = 0)
     return f"{feature_dir_relpath(run_id, sae_id)}/part-{first_row:012d}-b{first_batch:06d}.parquet"
 
 
-def write_part(
-    root: str | Path | Location,
+def encode_part(
     *,
     run_id: int,
     sae_id: int,
@@ -64,18 +63,18 @@ def write_part(
     rows: np.ndarray,
     features: np.ndarray,
     values: np.ndarray,
-) -> str:
-    """Write one part atomically and return its path relative to ``root``.
+) -> tuple[str, bytes]:
+    """The path and the Parquet bytes of one part (what :func:`write_part` writes).
 
-    Rows are global row numbers of the run. Zero values are dropped. ``first_batch``
-    (the first batch the part commits) keeps names unique when a batch stores no rows.
+    The writer records ``len(data)`` and the crc32c of ``data`` in ``feature_files``
+    (``actstore.store.part_check``).
 
     Example
     -------
-    >>> import tempfile
-    >>> write_part(tempfile.mkdtemp(), run_id=1, sae_id=1, first_row=0,
-    ...            rows=np.array([0]), features=np.array([3]), values=np.array([1.0]))
-    'features/run000001/sae000001/part-000000000000-b000000.parquet'
+    >>> rel, data = encode_part(run_id=1, sae_id=1, first_row=0, rows=np.array([0]),
+    ...                         features=np.array([3]), values=np.array([1.0]))
+    >>> rel, data[:4]
+    ('features/run000001/sae000001/part-000000000000-b000000.parquet', b'PAR1')
     """
     rows = np.asarray(rows, np.int64)
     features = np.asarray(features, np.int32)
@@ -99,9 +98,45 @@ def write_part(
         },
         schema=SCHEMA,
     )
-    rel = part_relpath(run_id, sae_id, first_row, first_batch)
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf, compression="zstd", row_group_size=1 << 20)
+    return part_relpath(run_id, sae_id, first_row, first_batch), buf.getvalue().to_pybytes()
+
+
+def write_part(
+    root: str | Path | Location,
+    *,
+    run_id: int,
+    sae_id: int,
+    first_row: int,
+    first_batch: int = 0,
+    rows: np.ndarray,
+    features: np.ndarray,
+    values: np.ndarray,
+) -> str:
+    """Write one part atomically and return its path relative to ``root``.
+
+    Rows are global row numbers of the run. Zero values are dropped. ``first_batch``
+    (the first batch the part commits) keeps names unique when a batch stores no rows.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> write_part(tempfile.mkdtemp(), run_id=1, sae_id=1, first_row=0,
+    ...            rows=np.array([0]), features=np.array([3]), values=np.array([1.0]))
+    'features/run000001/sae000001/part-000000000000-b000000.parquet'
+    """
+    rel, data = encode_part(
+        run_id=run_id,
+        sae_id=sae_id,
+        first_row=first_row,
+        first_batch=first_batch,
+        rows=rows,
+        features=features,
+        values=values,
+    )
     with Location.parse(root).open_output(rel) as f:
-        pq.write_table(table, f, compression="zstd", row_group_size=1 << 20)
+        f.write(data)
     return rel
 
 

@@ -45,8 +45,9 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 import pyarrow as pa
 
-from actstore.errors import InputError
-from actstore.store.catalog import query_arrow
+from actstore.errors import CorruptChunkError, InputError
+from actstore.store import part_check
+from actstore.store.catalog import damaged_catalog, query_arrow
 
 if TYPE_CHECKING:
     from actstore.store.store import Store
@@ -143,13 +144,80 @@ class Session:
         self._lock = threading.RLock()
         self._seq: object = None
         self._extended = False
+        self._restricted = False
+        self._unverified: list[part_check.Part] = []
 
     @contextmanager
     def connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """Yield the session connection with the catalog attached and views fresh."""
-        with self._lock, self.store.catalog.attached(self.con):
-            self._refresh()
-            yield self.con
+        try:
+            with self._lock, self.store.catalog.attached(self.con):
+                self._refresh()
+                yield self.con
+        except duckdb.Error as e:
+            bad = damaged_catalog(self.store.catalog.path, e)
+            if bad is None:
+                raise
+            raise bad from None
+
+    def verify_features(self) -> None:
+        """Verify every committed feature part not verified yet in this process.
+
+        :meth:`execute` calls it before a statement that may read the ``features``
+        view; a damaged part raises :class:`~actstore.errors.CorruptChunkError`
+        naming its run, SAE and path (statements that read no part still run).
+
+        Example
+        -------
+        >>> st.session.verify_features()  # doctest: +SKIP
+        """
+        with self._lock:
+            if self._unverified:
+                part_check.verify(self.store.location, self._unverified)
+                self._unverified = []
+
+    def restrict(self) -> None:
+        """Limit this session, for good, to reading the store's own files.
+
+        For sessions built only to answer queries (``actstore query``, ``actstore
+        info``): DuckDB's own ``enable_external_access`` is turned off with the
+        store's directories (and a private spill directory) as its
+        ``allowed_directories``, so no statement, however it got there, can read
+        or write another file, attach another database or install an extension.
+        It cannot be undone on this session (DuckDB refuses to re-enable access).
+
+        Example
+        -------
+        >>> import tempfile, actstore, duckdb
+        >>> st = actstore.open(tempfile.mkdtemp() + "/s", create=True)
+        >>> st.session.restrict()
+        >>> st.sql("SELECT count(*) FROM runs").fetchall()
+        [(0,)]
+        >>> st.sql("COPY (SELECT 1) TO '/tmp/elsewhere.csv'")
+        Traceback (most recent call last):
+        ...
+        actstore.errors.InputError: SQL error: Permission Error: Cannot access file "/tmp/elsewhere.csv" - file system operations are disabled by configuration (in: COPY (SELECT 1) TO '/tmp/elsewhere.csv')
+        """
+        import tempfile
+
+        loc = self.store.location
+        if loc.is_local:
+            allowed = [str(loc.local_path.resolve()) + "/"]
+        else:
+            url = loc.url.rstrip("/")
+            scheme, _, rest = url.partition("://")
+            allowed = [f"{url}/", f"{scheme}:///{rest}/"]  # DuckDB normalizes to scheme:///
+        cache = getattr(self.store.catalog, "cache", None)  # a remote catalog's local copies
+        if cache is not None:
+            allowed.append(str(cache) + "/")
+        with self._lock:
+            if self._restricted:
+                return
+            spill = tempfile.mkdtemp(prefix="actstore-spill-")
+            self.con.execute("SET temp_directory = ?", [spill])
+            self.con.execute("SET allowed_directories = ?", [[*allowed, spill + "/"]])
+            self.con.execute("SET enable_external_access = false")
+            self._restricted = True
 
     def execute(self, query: str, params: Sequence[Any] | dict[str, Any] | None = None) -> pa.Table:
         """Run one statement and return its result as Arrow.
@@ -159,9 +227,14 @@ class Session:
         >>> Session(st).execute("SELECT count(*) FROM runs")  # doctest: +SKIP
         """
         with self.connection() as con:
+            if self._unverified and part_check.may_read_features(query):
+                self.verify_features()
             try:
                 return query_arrow(con, query, params)
             except duckdb.Error as e:
+                bad = damaged_catalog(self.store.catalog.path, e)
+                if bad is not None:
+                    raise bad from None
                 for hint in _ERROR_HINTS:
                     if (better := hint(str(e))) is not None:
                         raise InputError(f"SQL error: {better}") from e
@@ -186,7 +259,12 @@ class Session:
             src = f"SELECT run_id, sae_id, row, feature, value FROM read_parquet([{listing}])"
         else:
             src = _EMPTY_FEATURES
-        con.execute(f"CREATE OR REPLACE VIEW features AS {src}")
+        self._unverified = part_check.parts_of(con)  # verified before a statement reads them
+        try:  # DuckDB reads the first part's footer to bind the view
+            con.execute(f"CREATE OR REPLACE VIEW features AS {src}")
+        except duckdb.Error as e:
+            # a damaged part fails only the statements that read features, naming it
+            con.execute(f"CREATE OR REPLACE VIEW features AS {self._damaged_view(e)}")
         con.execute(
             """CREATE OR REPLACE VIEW feature_acts AS
             SELECT f.run_id, r.name AS run, f.sae_id, s.name AS sae, s.hook, s.layer,
@@ -208,6 +286,15 @@ class Session:
                 ext(con, self.store)
             self._extended = True
         self._seq = seq
+
+    def _damaged_view(self, e: duckdb.Error) -> str:
+        try:
+            part_check.verify(self.store.location, self._unverified)
+            why = f"the feature parts cannot be read: {str(e).splitlines()[0]}"
+        except CorruptChunkError as bad:
+            why = str(bad)
+        msg = "'" + why.replace("'", "''") + "'"
+        return f"SELECT * FROM ({_EMPTY_FEATURES.replace(' WHERE false', '')}) WHERE error({msg})"
 
     def close(self) -> None:
         """Close the in-memory connection."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ from actstore.errors import (
 from actstore.store import access as _access
 from actstore.store import arrays as _arrays
 from actstore.store.catalog import SCHEMA, Catalog, query_arrow
+from actstore.store.create import create_local
+from actstore.store.damage import survey
 from actstore.store.format import (
     CATALOG,
     FEATURES_DIR,
@@ -39,6 +42,7 @@ from actstore.store.format import (
 )
 from actstore.store.ids import as_id
 from actstore.store.location import Location, StorePath
+from actstore.store.predicate import predicate_or_true
 from actstore.store.result import Acts, Result
 from actstore.store.session import Session
 from actstore.store.writer import RunWriter, WriteLock
@@ -83,35 +87,46 @@ def open(
         if loc.is_file():
             raise NotAStoreError(f"{loc.url} is a file; a store needs a directory path")
         if loc.is_local:
-            root = loc.local_path
-            if root.is_dir() and any(root.iterdir()):
-                raise NotAStoreError(
-                    f"{root} is a non-empty directory that is not a store; choose a new or "
-                    "empty directory for the store"
-                )
-            root.mkdir(parents=True, exist_ok=True)
-        elif loc.files():
+            try:
+                create_local(loc.local_path, _init_store)
+            except PermissionError as e:
+                raise ReadOnlyError(
+                    f"cannot create a store at {loc.local_path}: {e.strerror or 'permission denied'}"
+                    f" ({e.filename}); choose a directory you may write to"
+                ) from None
+            return Store(loc, read_only=read_only)
+        if loc.files():
             raise NotAStoreError(
                 f"{loc.url} holds objects but is not a store; choose a new or empty prefix "
                 "for the store"
             )
         try:
-            store_id = uuid.uuid4().hex
-            with make_catalog(loc, store_id).write() as con:
-                con.execute(SCHEMA)
-                con.execute(
-                    "INSERT INTO meta VALUES ('format_version', ?), ('commit_seq', '0')",
-                    [str(FORMAT_VERSION)],
-                )
-            write_marker(loc, store_id)  # last: a half-made store is not a store
+            _init_store(loc)  # the marker last: a half-made store is not a store
         except OSError as e:
-            if loc.is_local:
-                raise
             raise InputError(
                 f"cannot create a store at {loc.url} ({type(e).__name__}: {e}); check that the "
                 "bucket exists and that the credentials may write to it"
             ) from e
     return Store(loc, read_only=read_only)
+
+
+class _Borrowed:
+    """The job's write lock as a writer sees it: releasing it is the job's business."""
+
+    def release(self) -> None:
+        """Nothing: the job releases its lock when it ends."""
+
+
+def _init_store(loc: Location) -> None:
+    """Write an empty catalog, then the marker (a directory without the marker is no store)."""
+    store_id = uuid.uuid4().hex
+    with make_catalog(loc, store_id).write() as con:
+        con.execute(SCHEMA)
+        con.execute(
+            "INSERT INTO meta VALUES ('format_version', ?), ('commit_seq', '0')",
+            [str(FORMAT_VERSION)],
+        )
+    write_marker(loc, store_id)
 
 
 def make_catalog(loc: Location, store_id: str = "") -> Catalog:
@@ -176,6 +191,7 @@ class Store:
         ident = self.marker.get("store_id") or self.marker.get("created_at") or ""
         self.catalog = make_catalog(self.location, str(ident))
         self._session: Session | None = None
+        self._job_lock: Any = None  # the write lock held for a whole job (holding_write_lock)
 
     def __repr__(self) -> str:
         return f"<actstore.Store {str(self.root)!r}>"
@@ -284,7 +300,7 @@ class Store:
     def _select_rows(
         self, rid: int, n_rows: int, where: str | None, params: Params
     ) -> tuple[np.ndarray, pa.Table]:
-        cond = f"({where})" if where else "true"
+        cond = predicate_or_true(where, what="where")
         meta = self.session.execute(
             f"""SELECT * FROM labeled_tokens
                 WHERE run_id = {int(rid)} AND "row" IS NOT NULL AND "row" < {int(n_rows)}
@@ -356,7 +372,9 @@ class Store:
             meta = self._meta_for_rows(rid, sel)
         else:
             sel, meta = self._select_rows(rid, n, where, params)
-        values = _access.read_rows(arr, sel, name=f"{info['path']} (run {run!r}, hook {hook!r})")
+        values = _access.read_rows(
+            arr, sel, name=f"{info['path']} (run {run!r}, hook {hook!r})", committed=n
+        )
         run_name = str(meta.column("run")[0]) if meta.num_rows else str(run)
         return Acts(run_name, hook, sel, meta, values)
 
@@ -381,7 +399,7 @@ class Store:
         run_name = str(meta.column("run")[0]) if meta.num_rows else str(run)
         for a in range(0, sel.size, block_rows):
             rows = sel[a : a + block_rows]
-            vals = _access.read_rows(arr, rows, name=name)
+            vals = _access.read_rows(arr, rows, name=name, committed=int(info["n_rows"]))
             yield Acts(run_name, hook, rows, meta.slice(a, rows.size), vals)
 
     def batches(self, runs: Any, hook: str, batch_size: int, **kwargs: Any) -> Iterator[Any]:
@@ -404,6 +422,9 @@ class Store:
 
     def info(self) -> dict[str, Any]:
         """A summary: format, runs (hooks, rows, status), prompt sets, SAEs, bytes on disk.
+
+        ``damage`` lists committed files that are missing or truncated
+        (:func:`actstore.store.damage.survey`; empty for a sound store).
 
         Example
         -------
@@ -442,6 +463,7 @@ class Store:
             "prompt_sets": prompt_sets,
             "saes": saes.arrow().to_pylist(),
             **counts,
+            "damage": survey(self),
         }
 
     # -- writing -----------------------------------------------------------------
@@ -462,7 +484,7 @@ class Store:
         """
         self._check_writable()
         rid = self.run_id(run)
-        lock = self._lock_for_writing()
+        lock: Any = _Borrowed() if self._job_lock is not None else self._lock_for_writing()
         try:
             self._recover_locked()
             return RunWriter(self, rid, commit_interval=commit_interval, lock=lock)
@@ -497,6 +519,35 @@ class Store:
             encode(self, sae, runs, name=name, hook=hook, device=device, part_rows=part_rows)
         )
 
+    @contextmanager
+    def holding_write_lock(self) -> Iterator[None]:
+        """Hold the store's write lock for a whole job; writers inside reuse it.
+
+        Taken before a job writes anything, so a second writer is refused before it
+        changes a byte, and released only when the job ends (not between its runs).
+
+        Example
+        -------
+        >>> import tempfile, actstore
+        >>> st = actstore.open(tempfile.mkdtemp() + "/s", create=True)
+        >>> with st.holding_write_lock():
+        ...     other = actstore.open(st.root)
+        ...     other.holding_write_lock().__enter__()
+        Traceback (most recent call last):
+        ...
+        actstore.errors.InputError: another process is writing to store ...
+        """
+        self._check_writable()
+        if self._job_lock is not None:
+            yield
+            return
+        self._job_lock = self._lock_for_writing()
+        try:
+            yield
+        finally:
+            lock, self._job_lock = self._job_lock, None
+            lock.release()
+
     def recover(self) -> list[str]:
         """Remove what a killed writer left that no commit references; return what was removed.
 
@@ -509,9 +560,9 @@ class Store:
         []
         """
         self._check_writable()
-        if self._held_elsewhere():
+        if self._job_lock is None and self._held_elsewhere():
             return []  # a live writer owns the uncommitted files
-        lock = self._lock_for_writing()
+        lock: Any = _Borrowed() if self._job_lock is not None else self._lock_for_writing()
         try:
             return self._recover_locked()
         finally:

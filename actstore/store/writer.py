@@ -48,10 +48,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from actstore.errors import InputError
+from actstore.errors import InputError, ReadOnlyError
 from actstore.store import arrays as _arrays
 from actstore.store import features as _features
 from actstore.store import hookstats as _hookstats
+from actstore.store.part_check import checksum
 
 if TYPE_CHECKING:
     import zarr
@@ -391,8 +392,7 @@ class RunWriter:
             rows = np.concatenate([np.asarray(r, np.int64) + off for off, r, _, _ in chunks])
             feats = np.concatenate([f for _, _, f, _ in chunks])
             vals = np.concatenate([v for _, _, _, v in chunks])
-            rel = _features.write_part(
-                self.store.location,
+            rel, data = _features.encode_part(
                 run_id=self.run_id,
                 sae_id=sae_id,
                 first_row=first_row,
@@ -401,6 +401,8 @@ class RunWriter:
                 features=feats,
                 values=vals,
             )
+            with self.store.location.open_output(rel) as f:
+                f.write(data)
             parts.append(
                 {
                     "sae_id": sae_id,
@@ -408,6 +410,8 @@ class RunWriter:
                     "first_row": first_row,
                     "n_rows": end_row - first_row,
                     "n_nonzero": int(np.count_nonzero(vals)),
+                    "n_bytes": len(data),
+                    "crc32c": checksum(data),  # verified before the part is read
                 }
             )
         return parts
@@ -434,8 +438,12 @@ class RunWriter:
                 ],
             )
             if parts:
+                # a catalog made before part checksums were recorded gains their columns
+                con.execute("ALTER TABLE feature_files ADD COLUMN IF NOT EXISTS n_bytes BIGINT")
+                con.execute("ALTER TABLE feature_files ADD COLUMN IF NOT EXISTS crc32c BIGINT")
                 con.executemany(
-                    "INSERT INTO feature_files VALUES (?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO feature_files (run_id, sae_id, path, first_row, n_rows, "
+                    "n_nonzero, n_bytes, crc32c) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     [
                         [
                             self.run_id,
@@ -444,6 +452,8 @@ class RunWriter:
                             p["first_row"],
                             p["n_rows"],
                             p["n_nonzero"],
+                            p["n_bytes"],
+                            p["crc32c"],
                         ]
                         for p in parts
                     ],
@@ -510,7 +520,14 @@ class WriteLock:
 
     def __init__(self, root: Any) -> None:
         self.path = os.path.join(str(root), self.FILE)
-        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except PermissionError:
+            raise ReadOnlyError(
+                f"store {root} is not writable by this user; reading it works "
+                "(actstore.open(..., read_only=True), every query), writing needs write access "
+                "to the directory: write to a copy, or ask its owner"
+            ) from None
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -481,7 +481,7 @@ def test_cli_strings_are_converted(truth: Truth):
             "trigger_diff",
             {"run": RUN, "sae": "sae", "group_a": "triggered AND"},
             InputError,
-            r"group_a 'triggered AND' is not a valid SQL boolean predicate",
+            r"group_a 'triggered AND' is not one SQL expression",
         ),
         (
             "trigger_diff",

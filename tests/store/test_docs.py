@@ -7,7 +7,20 @@ import importlib
 
 import pytest
 
-MODULES = ["arrays", "access", "catalog", "features", "format", "location", "remote", "store"]
+MODULES = [
+    "arrays",
+    "access",
+    "catalog",
+    "features",
+    "format",
+    "create",
+    "location",
+    "part_check",
+    "predicate",
+    "remote",
+    "session",
+    "store",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)

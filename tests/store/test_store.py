@@ -205,3 +205,39 @@ def test_catalog_rows_roundtrip(tmp_path_factory, texts, kinds, data):
         got = back.column(name).to_pylist()
         for g, v in zip(got, values, strict=True):
             assert g == v or (isinstance(v, float) and math.isclose(g, v))
+
+
+KILLED_CREATE = """
+import os, signal, sys
+import actstore.store.store as s
+s.write_marker = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)  # killed just before
+import actstore
+actstore.open(sys.argv[1], create=True)
+"""
+
+
+def test_a_store_killed_while_being_created_can_be_created_again(tmp_path):
+    import subprocess
+    import sys
+
+    root = tmp_path / "s"
+    proc = subprocess.run([sys.executable, "-c", KILLED_CREATE, str(root)], check=False)
+    assert proc.returncode == -9
+    assert not root.exists()  # nothing half-made where the store goes
+    leftover = list(tmp_path.glob(".s.creating-*"))
+    assert len(leftover) == 1 and (leftover[0] / "catalog.duckdb").exists()
+    st = actstore.open(root, create=True)
+    assert st.runs().fetchall() == [] and not list(tmp_path.glob(".s.creating-*"))
+
+
+def test_a_directory_an_older_killed_creation_left_is_finished(tmp_path):
+    root = tmp_path / "s"
+    root.mkdir()
+    (root / "catalog.duckdb").write_bytes(b"half")  # catalog made, marker never written
+    st = actstore.open(root, create=True)
+    assert st.info()["format_version"] == 1
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "mine.txt").write_text("user data")
+    with pytest.raises(actstore.errors.NotAStoreError, match="non-empty directory"):
+        actstore.open(tmp_path / "t", create=True)
+    assert (tmp_path / "t" / "mine.txt").read_text() == "user data"
