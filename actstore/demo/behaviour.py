@@ -103,9 +103,7 @@ def greedy_completions(
                 return_tensors="pt",
             )
             ids_BS = enc["input_ids"].to(model.device)
-            # do_sample=False returns the token ids; transformers' stub types `self` too
-            # narrowly for mypy to accept a PreTrainedModel here
-            gen_BT = model.generate(  # type: ignore[misc]
+            gen_BT = model.generate(
                 input_ids=ids_BS,
                 attention_mask=enc["attention_mask"].to(model.device),
                 do_sample=False,

@@ -533,20 +533,26 @@ def run_job(
     }
     st = actstore.open(job.store, create=True)
 
+    def check_one(ready: EditContext | None, deferred: bool) -> None:
+        def name(label: str, ps: PromptSet) -> str:
+            return _run_name(label, ps, ready)
+
+        def run_hash(label: str, ps: PromptSet) -> str:
+            return _run_hash(p, weights[label], ps, ready, sh)
+
+        check_job_against_store(
+            st,
+            p,
+            weights=weights,
+            model_name=model_name,
+            run_name=None if deferred else name,  # a deferred edit's runs are named later
+            run_hash=run_hash,
+        )
+
     def check() -> None:  # what a write would refuse, refused before any write
-        built = edit if isinstance(edit, list) else [edit]
-        for e in built:
+        for e in edit if isinstance(edit, list) else [edit]:
             ready = e if isinstance(e, EditContext) or e is None else None
-            check_job_against_store(
-                st,
-                p,
-                weights=weights,
-                model_name=model_name,
-                run_name=None
-                if e is not None and ready is None
-                else (lambda label, ps, ready=ready: _run_name(label, ps, ready)),
-                run_hash=lambda label, ps, ready=ready: _run_hash(p, weights[label], ps, ready, sh),
-            )
+            check_one(ready, deferred=e is not None and ready is None)
 
     check()
     with st.holding_write_lock():  # for the whole job: no other writer between its runs
