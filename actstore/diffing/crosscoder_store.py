@@ -113,7 +113,7 @@ def store_crosscoder(store: Store, cc: Crosscoder, *, name: str, batch_rows: int
     parts = []
     for run, run_rows in zip(cc.runs, rows, strict=True):
         rid = store.run_id(run)
-        rel = _features.write_part(
+        rel, n_bytes, crc = _features.write_part(
             store.location,
             run_id=rid,
             sae_id=sid,
@@ -123,7 +123,7 @@ def store_crosscoder(store: Store, cc: Crosscoder, *, name: str, batch_rows: int
             values=vals,
         )
         span = int(run_rows.max() - run_rows.min() + 1)
-        parts.append([rid, sid, rel, int(run_rows.min()), span, int(vals.size)])
+        parts.append([rid, sid, rel, int(run_rows.min()), span, int(vals.size), n_bytes, crc])
     with store.catalog.write() as con:
         if con.execute("SELECT 1 FROM saes WHERE sae_id = ? OR name = ?", [sid, name]).fetchall():
             raise InputError(f"another writer added an SAE while {name!r} was stored; run again")
@@ -150,7 +150,7 @@ def store_crosscoder(store: Store, cc: Crosscoder, *, name: str, batch_rows: int
             [sid],
         )
         con.unregister("_latents")
-        con.executemany("INSERT INTO feature_files VALUES (?, ?, ?, ?, ?, ?)", parts)
+        _features.record_parts(con, parts)
         bump_commit_seq(con)
     return sid
 

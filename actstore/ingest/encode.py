@@ -421,7 +421,7 @@ def _encode_run(
         # the rows as stored, cast exactly to float32 (bfloat16/float16 -> float32 is exact)
         x_ND = np.asarray(_access.read_rows(arr, np.arange(a, b), name=what), dtype=np.float32)
         rows, feats, vals = encode_sparse(loaded, x_ND, block_rows=block_rows)
-        rel = _features.write_part(
+        rel, n_bytes, crc = _features.write_part(
             store.location,
             run_id=run_id,
             sae_id=sae_id,
@@ -433,7 +433,7 @@ def _encode_run(
         nnz = int(np.count_nonzero(vals))
         if before_commit is not None:
             before_commit(a)
-        _commit_part(store, run_id, sae_id, rel, a, b - a, nnz)
+        _commit_part(store, (run_id, sae_id, rel, a, b - a, nnz, n_bytes, crc))
         parts += 1
         nonzeros += nnz
     return EncodeResult(
@@ -448,14 +448,11 @@ def _encode_run(
     )
 
 
-def _commit_part(
-    store: Store, run_id: int, sae_id: int, rel: str, first_row: int, n_rows: int, nnz: int
-) -> None:
+def _commit_part(store: Store, part: tuple[Any, ...]) -> None:
+    """List one written part (a ``feature_files`` row, size and crc32c included)."""
+
     def body(con: Any) -> None:  # re-runnable (remote retries)
-        con.execute(
-            "INSERT INTO feature_files VALUES (?, ?, ?, ?, ?, ?)",
-            [run_id, sae_id, rel, first_row, n_rows, nnz],
-        )
+        _features.record_parts(con, [part])
         bump_commit_seq(con)
 
     store.catalog.transact(body)

@@ -11,7 +11,7 @@ Example
 -------
 >>> import tempfile, numpy as np
 >>> root = tempfile.mkdtemp()
->>> rel = write_part(root, run_id=1, sae_id=1, first_row=0,
+>>> rel, n_bytes, crc = write_part(root, run_id=1, sae_id=1, first_row=0,
 ...                  rows=np.array([0, 0, 2]), features=np.array([5, 9, 5]),
 ...                  values=np.array([1.0, 0.5, 2.0], np.float32))
 >>> read_part(root, rel).num_rows
@@ -20,7 +20,9 @@ Example
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -29,6 +31,7 @@ import pyarrow.parquet as pq
 from actstore.errors import InputError
 from actstore.store.format import feature_dir_relpath
 from actstore.store.location import Location
+from actstore.store.part_check import checksum
 
 #: Columns of every part. ``run_id`` and ``sae_id`` are constant within a part
 #: (they cost nothing after dictionary encoding) so a glob of parts is self-describing.
@@ -113,8 +116,8 @@ def write_part(
     rows: np.ndarray,
     features: np.ndarray,
     values: np.ndarray,
-) -> str:
-    """Write one part atomically and return its path relative to ``root``.
+) -> tuple[str, int, int]:
+    """Write one part atomically: its path relative to ``root``, its size and crc32c.
 
     Rows are global row numbers of the run. Zero values are dropped. ``first_batch``
     (the first batch the part commits) keeps names unique when a batch stores no rows.
@@ -123,7 +126,7 @@ def write_part(
     -------
     >>> import tempfile
     >>> write_part(tempfile.mkdtemp(), run_id=1, sae_id=1, first_row=0,
-    ...            rows=np.array([0]), features=np.array([3]), values=np.array([1.0]))
+    ...            rows=np.array([0]), features=np.array([3]), values=np.array([1.0]))[0]
     'features/run000001/sae000001/part-000000000000-b000000.parquet'
     """
     rel, data = encode_part(
@@ -137,7 +140,27 @@ def write_part(
     )
     with Location.parse(root).open_output(rel) as f:
         f.write(data)
-    return rel
+    return rel, len(data), checksum(data)
+
+
+def record_parts(con: Any, parts: Sequence[Sequence[Any]]) -> None:
+    """Insert committed parts into ``feature_files``, with their size and crc32c.
+
+    Each entry is ``(run_id, sae_id, path, first_row, n_rows, n_nonzero, n_bytes,
+    crc32c)``, in the caller's catalog transaction. A catalog made before part
+    checksums were recorded gains their columns here.
+
+    Example
+    -------
+    >>> record_parts(con, [(1, 1, rel, 0, 128, 40, n_bytes, crc)])  # doctest: +SKIP
+    """
+    con.execute("ALTER TABLE feature_files ADD COLUMN IF NOT EXISTS n_bytes BIGINT")
+    con.execute("ALTER TABLE feature_files ADD COLUMN IF NOT EXISTS crc32c BIGINT")
+    con.executemany(
+        "INSERT INTO feature_files (run_id, sae_id, path, first_row, n_rows, "
+        "n_nonzero, n_bytes, crc32c) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        [list(p) for p in parts],
+    )
 
 
 def read_part(root: str | Path | Location, relpath: str) -> pa.Table:
@@ -147,8 +170,8 @@ def read_part(root: str | Path | Location, relpath: str) -> pa.Table:
     -------
     >>> import tempfile
     >>> r = tempfile.mkdtemp()
-    >>> rel = write_part(r, run_id=1, sae_id=1, first_row=0, rows=np.array([1]),
-    ...                  features=np.array([2]), values=np.array([3.0]))
+    >>> rel, _, _ = write_part(r, run_id=1, sae_id=1, first_row=0, rows=np.array([1]),
+    ...                        features=np.array([2]), values=np.array([3.0]))
     >>> read_part(r, rel).column("feature").to_pylist()
     [2]
     """

@@ -438,14 +438,10 @@ class RunWriter:
                 ],
             )
             if parts:
-                # a catalog made before part checksums were recorded gains their columns
-                con.execute("ALTER TABLE feature_files ADD COLUMN IF NOT EXISTS n_bytes BIGINT")
-                con.execute("ALTER TABLE feature_files ADD COLUMN IF NOT EXISTS crc32c BIGINT")
-                con.executemany(
-                    "INSERT INTO feature_files (run_id, sae_id, path, first_row, n_rows, "
-                    "n_nonzero, n_bytes, crc32c) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                _features.record_parts(
+                    con,
                     [
-                        [
+                        (
                             self.run_id,
                             p["sae_id"],
                             p["path"],
@@ -454,7 +450,7 @@ class RunWriter:
                             p["n_nonzero"],
                             p["n_bytes"],
                             p["crc32c"],
-                        ]
+                        )
                         for p in parts
                     ],
                 )

@@ -141,8 +141,11 @@ def _documented_columns() -> dict[str, set[str]]:
 def test_every_catalog_column_is_documented(plain):
     _, con, _ = plain
     documented = _documented_columns()
-    assert set(documented) == set(TABLES)
-    for table in TABLES:
+    # tables made by the first command that needs them (not in the schema of a new store)
+    lazy = {"hook_stats"}
+    assert set(documented) - lazy == set(TABLES)
+    present = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables")}
+    for table in [*TABLES, *sorted(lazy & present)]:
         actual = {
             r[0]
             for r in con.execute(

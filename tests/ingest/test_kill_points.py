@@ -9,9 +9,9 @@ for each of a dozen children in turn, each resuming what the last one left.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
-import time
 
 import numpy as np
 import pytest
@@ -55,25 +55,33 @@ def instrument(monkeypatch, kill_at: int | None) -> list[int]:
     return count
 
 
-def killed_at(job: IngestJob, k: int) -> int:
-    """Run ``job`` in a forked child killed at event ``k``; return its wait status signal."""
-    pid = os.fork()
-    if pid == 0:  # the child: never returns to pytest
-        try:
-            mp = pytest.MonkeyPatch()
-            instrument(mp, k)
-            run_job(job, quiet=True)
-        finally:
-            os._exit(0)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
-        time.sleep(0.02)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    raise AssertionError(f"the child killed at event {k} hung")
+def _child(job: dict, k: int) -> None:
+    """The job, killed at its ``k``-th write event (run in a forkserver child)."""
+    import torch
+
+    torch.set_num_threads(1)
+    instrument(pytest.MonkeyPatch(), k)
+    run_job(IngestJob.from_dict(job), quiet=True)
+
+
+def killed_at(job: dict, k: int) -> int:
+    """Run ``job`` in a child killed at event ``k``; return the signal that ended it (0: none).
+
+    The child is forked from a forkserver, a clean single-threaded process that has
+    imported the model stack once: forking pytest itself, with the threads of torch
+    and DuckDB running, can crash the child in a way that has nothing to do with the
+    kill being tested.
+    """
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "transformers", "actstore.ingest.runner", __name__])
+    proc = ctx.Process(target=_child, args=(job, k))
+    proc.start()
+    proc.join(120)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+        raise AssertionError(f"the child killed at event {k} hung")
+    return -proc.exitcode if proc.exitcode and proc.exitcode < 0 else 0
 
 
 def contents(st: actstore.Store) -> dict[str, object]:
@@ -108,8 +116,9 @@ def test_a_dozen_kills_then_resume_is_bit_identical(tmp_path, llama_dir, monkeyp
     # a resumed child redoes less, so each is killed at its own k-th event: a dozen kills
     # spread over the job, before and after every kind of write
     points = rng.integers(1, 9, size=12).tolist()
-    killed = IngestJob.from_dict({**d, "store": str(tmp_path / "killed")})
-    signals = [killed_at(killed, k) for k in points]  # each resumes what the last one left
+    killed_d = {**d, "store": str(tmp_path / "killed")}
+    killed = IngestJob.from_dict(killed_d)
+    signals = [killed_at(killed_d, k) for k in points]  # each resumes what the last one left
     assert signals.count(signal.SIGKILL) >= 10, (n_events, points, signals)
     summary = run_job(killed, quiet=True)  # the last resume completes the job
     assert [r.status for r in summary.runs] in (["resumed"], ["already complete"], ["ingested"])

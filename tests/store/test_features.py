@@ -7,6 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from actstore.store import features
+from actstore.store.part_check import checksum
 
 
 @settings(
@@ -26,7 +27,7 @@ def test_part_roundtrip(tmp_path_factory, n, seed):
     rows, feats = rows[keep], feats[keep]
     vals = rng.standard_normal(rows.size).astype(np.float32)
     vals[::5] = 0
-    rel = features.write_part(
+    rel, n_bytes, crc = features.write_part(
         root, run_id=3, sae_id=2, first_row=0, rows=rows, features=feats, values=vals
     )
     t = features.read_part(root, rel)
@@ -38,6 +39,8 @@ def test_part_roundtrip(tmp_path_factory, n, seed):
     assert got == want
     assert set(t["run_id"].to_pylist()) <= {3} and set(t["sae_id"].to_pylist()) <= {2}
     assert not list(root.rglob("*.tmp"))
+    data = (root / rel).read_bytes()
+    assert (n_bytes, crc) == (len(data), checksum(data))
 
 
 def test_features_visible_in_sql_only_once_committed(filled_store):

@@ -322,7 +322,7 @@ def test_second_writer_is_refused_and_an_expired_lease_is_taken_over(s3_bucket):
 def test_recover_removes_uncommitted_parts_from_the_bucket(s3_bucket):
     url = f"{s3_bucket}/recover"
     st = actstore.open(url, create=True)
-    rel = write_part(
+    rel, _, _ = write_part(
         st.location,
         run_id=1,
         sae_id=1,
