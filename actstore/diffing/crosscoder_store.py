@@ -66,7 +66,8 @@ def store_crosscoder(store: Store, cc: Crosscoder, *, name: str, batch_rows: int
     taken = store.sql("SELECT 1 FROM saes WHERE name = ?", [name]).fetchall()
     if taken:
         raise InputError(f"an SAE named {name!r} is already in the store; choose another name")
-    x_NMD, _, rows = aligned_rows(store, cc.runs, cc.hook, cc.where)
+    # every aligned row, not only the training selection: stored features cover whole runs
+    x_NMD, _, rows = aligned_rows(store, cc.runs, cc.hook, None)
     f_NF = cc.encode(x_NMD, batch_rows)
     nz_N, nz_F = np.nonzero(f_NF)
     vals = f_NF[nz_N, nz_F]

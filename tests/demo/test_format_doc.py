@@ -144,7 +144,9 @@ def test_every_catalog_column_is_documented(plain):
     # tables made by the first command that needs them (not in the schema of a new store)
     lazy = {"hook_stats"}
     assert set(documented) - lazy == set(TABLES)
-    present = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables")}
+    present = {
+        r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()
+    }
     for table in [*TABLES, *sorted(lazy & present)]:
         actual = {
             r[0]

@@ -71,7 +71,8 @@ def test_latents_exclusive_to_backdoored_fire_on_triggered_prompts(cc, stored, s
 
 
 def test_stored_latents_equal_the_encoding_and_the_weights_round_trip(cc, stored, store):
-    x_NMD, _, rows = aligned_rows(store, RUNS, HOOK, WHERE)
+    # stored on every aligned row of each run, not only the rows it was trained on
+    x_NMD, _, rows = aligned_rows(store, RUNS, HOOK)
     f_NF = cc.encode(x_NMD)
     for run, run_rows in zip(RUNS, rows, strict=True):
         got = store.sql(
