@@ -2,8 +2,8 @@
 
 An edit's ``where`` is a SQL predicate over the prompt labels (the columns of
 the prompt file other than the text). It is parsed as exactly one expression by
-DuckDB's own parser (:func:`check_predicate`: a second statement, a list or a
-dangling parenthesis is refused), then bound against the prompt table, which
+DuckDB's own parser (:func:`check_predicate`: a second statement, a list, a
+dangling parenthesis, a subquery or a table function is refused), then bound against the prompt table, which
 must make it a boolean. The edited run holds only the prompts it selects (their
 ``prompt_idx`` unchanged); :func:`actstore.edits.evaluate` takes the other
 prompts' completions and scores from the unedited parent, so rates stay
@@ -12,7 +12,7 @@ comparable.
 Example
 -------
 >>> check_predicate("NOT triggered")
-'NOT triggered'
+'(\\nNOT triggered\\n)'
 >>> check_predicate("true; DROP TABLE runs")
 Traceback (most recent call last):
 ...
@@ -27,12 +27,13 @@ import duckdb
 import pyarrow as pa
 
 from actstore.errors import InputError, SpecError
+from actstore.store.predicate import expression
 
 __all__ = ["check_predicate", "select_rows"]
 
 
 def check_predicate(where: str, columns: Sequence[str] | None = None) -> str:
-    """Return ``where`` if DuckDB's parser reads it as one SQL expression; else a SpecError.
+    """``where`` parenthesized, if DuckDB's parser reads it as one SQL expression; else a SpecError.
 
     Parameters
     ----------
@@ -44,7 +45,7 @@ def check_predicate(where: str, columns: Sequence[str] | None = None) -> str:
     Example
     -------
     >>> check_predicate("pair_id < 3 AND NOT triggered")
-    'pair_id < 3 AND NOT triggered'
+    '(\\npair_id < 3 AND NOT triggered\\n)'
     """
     hint = f" {list(columns)}" if columns else ""
     if not isinstance(where, str) or not where.strip():
@@ -57,7 +58,10 @@ def check_predicate(where: str, columns: Sequence[str] | None = None) -> str:
             f"where {where!r} is not one SQL expression ({first}); write a predicate over the "
             f'prompt labels{hint}, e.g. "NOT triggered"'
         ) from None
-    return where
+    try:  # no subquery, table function or file read inside it either
+        return expression(where, what="where")
+    except InputError as e:
+        raise SpecError(f"{e}; the prompt labels are{hint}" if hint else str(e)) from None
 
 
 def select_rows(table: pa.Table, where: str, what: str = "prompt set") -> list[int]:
@@ -74,13 +78,13 @@ def select_rows(table: pa.Table, where: str, what: str = "prompt set") -> list[i
     >>> select_rows(t, "NOT triggered")
     [1, 2]
     """
-    check_predicate(where, table.column_names[1:])
+    expr = check_predicate(where, table.column_names[1:])
     con = duckdb.connect()
     try:
         con.register("prompts", table)
         con.register("_indexed", table.append_column("_row", pa.array(range(table.num_rows))))
         try:
-            kind = con.execute(f"DESCRIBE SELECT ({where}) AS x FROM prompts").fetchall()[0][1]
+            kind = con.execute(f"DESCRIBE SELECT {expr} AS x FROM prompts").fetchall()[0][1]
         except duckdb.Error as e:
             raise InputError(
                 f"where {where!r} does not apply to {what}: {str(e).splitlines()[0]}; its label "
@@ -90,7 +94,7 @@ def select_rows(table: pa.Table, where: str, what: str = "prompt set") -> list[i
             raise InputError(
                 f"where {where!r} is {kind}, not a predicate; compare it, e.g. `{where} = 1`"
             )
-        rows = con.execute(f"SELECT _row FROM _indexed WHERE ({where}) ORDER BY _row").fetchall()
+        rows = con.execute(f"SELECT _row FROM _indexed WHERE {expr} ORDER BY _row").fetchall()
     finally:
         con.close()
     return [int(r[0]) for r in rows]

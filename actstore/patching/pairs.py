@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 
 from actstore.errors import InputError
+from actstore.store.predicate import expression
 
 if TYPE_CHECKING:
     from actstore.store.store import Store
@@ -175,10 +176,11 @@ def check_predicate(st: Store, relation: str, param: str, text: str) -> str:
     >>> check_predicate(st, "prompts", "--from", "triggered")  # doctest: +SKIP
     'triggered'
     """
+    expr = expression(text, what=param)  # one expression: no statement smuggled through it
     with st.session.connection() as con:
         cols = [r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {relation}").fetchall()]
         try:
-            rows = con.execute(f"DESCRIBE SELECT ({text}) AS x FROM {relation}").fetchall()
+            rows = con.execute(f"DESCRIBE SELECT {expr} AS x FROM {relation}").fetchall()
         except duckdb.Error as e:
             raise InputError(
                 f"{param} {text!r} is not a SQL expression over {relation} "
@@ -189,7 +191,7 @@ def check_predicate(st: Store, relation: str, param: str, text: str) -> str:
             f"{param} {text!r} is {rows[0][1]}, not a boolean predicate over {relation}; "
             f"compare it, e.g. `{cols[-1]} = 1`"
         )
-    return text
+    return expr
 
 
 def find_pairs(
