@@ -30,7 +30,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,7 @@ from actstore.ingest.precheck import check_job_against_store
 from actstore.ingest.saes import encode_sparse
 from actstore.ingest.scorers import load_scorer, score_generations
 from actstore.ingest.shards import Shard, job_run_names, shard_batches
+from actstore.ingest.summary import IngestSummary, RunSummary
 from actstore.store import objects
 from actstore.store.writer import fix_mmap_threshold
 
@@ -94,55 +95,6 @@ class EditContext:
     """The edit's own logit metrics (:class:`~actstore.ingest.logit_metrics.MetricSpec`)."""
     prompts: Callable[[pa.Table], list[int]] | None = None
     """The prompts the edited run holds (``prompt_idx``), chosen from the prompt table; None: all."""
-
-
-@dataclass
-class RunSummary:
-    """What one run of a job did."""
-
-    name: str
-    status: str
-    prompts: int
-    tokens: int
-    rows: int
-    bytes: int
-    seconds: float
-
-
-@dataclass
-class IngestSummary:
-    """What a job did, run by run. ``str()`` is the end-of-job table.
-
-    Example
-    -------
-    >>> print(run_job("job.toml", quiet=True))  # doctest: +SKIP
-    """
-
-    store: str
-    runs: list[RunSummary] = field(default_factory=list)
-    seconds: float = 0.0
-    notes: list[str] = field(default_factory=list)
-    """Decisions worth knowing, e.g. a label column that mixes numbers and text (VARCHAR)."""
-
-    def __str__(self) -> str:
-        from actstore.store.render import render_table
-
-        t = pa.table(
-            {
-                "run": [r.name for r in self.runs],
-                "status": [r.status for r in self.runs],
-                "prompts": [r.prompts for r in self.runs],
-                "tokens": [r.tokens for r in self.runs],
-                "rows": [r.rows for r in self.runs],
-                "MB": [round(r.bytes / 1e6, 2) for r in self.runs],
-                "seconds": [round(r.seconds, 1) for r in self.runs],
-            }
-        )
-        notes = "".join(f"\nnote: {n}" for n in self.notes)
-        return (
-            f"{render_table(t)}\nstore {self.store}: {len(self.runs)} runs in {self.seconds:.1f} s"
-            + notes
-        )
 
 
 _NEW_KEYS = ("match", "mode")
