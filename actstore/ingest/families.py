@@ -62,6 +62,7 @@ from typing import Any, Literal
 from torch import nn
 
 from actstore.errors import HookNotFoundError, InputError
+from actstore.ingest import heads as _heads
 
 HOOK_KINDS: tuple[str, ...] = (
     "hook_resid_pre",
@@ -76,7 +77,8 @@ MODULE_PREFIX = "module:"
 """Prefix of raw module-path hook names."""
 
 _BLOCK_RE = re.compile(r"blocks\.(?P<layers>[^.]+)\.(?P<kind>.+)")
-_KINDS_HINT = ", ".join(f"blocks.L.{k}" for k in HOOK_KINDS)
+_ALL_KINDS = (*HOOK_KINDS, *_heads.HEAD_KINDS)  # per-head kinds: actstore.ingest.heads
+_KINDS_HINT = ", ".join(f"blocks.L.{k}" for k in _ALL_KINDS)
 
 
 def _unknown(name: str, why: str) -> HookNotFoundError:
@@ -119,7 +121,7 @@ def parse_hook(name: str) -> tuple[int | None, str]:
     m = _BLOCK_RE.fullmatch(name)
     if m is None:
         raise _unknown(name, "it does not start with 'blocks.L.'")
-    if m["kind"] not in HOOK_KINDS:
+    if m["kind"] not in _ALL_KINDS:
         raise _unknown(name, f"unknown kind {m['kind']!r}")
     if not m["layers"].isdigit():
         raise _unknown(name, f"layer {m['layers']!r} is not a number")
@@ -201,7 +203,7 @@ def expand_hooks(patterns: str | Iterable[str], n_layers: int) -> list[str]:
             check_layer(pattern, layer, n_layers)
             layers = [layer]
         kind = m["kind"] if m else ""
-        if kind not in HOOK_KINDS:
+        if kind not in _ALL_KINDS:
             raise _unknown(pattern, f"unknown kind {kind!r}")
         for layer in layers:
             blocks.setdefault((layer, order), f"blocks.{layer}.{kind}")
@@ -390,6 +392,12 @@ class ModelAdapter:
     unembedding output ``z``; ``None`` where the family has none. Logit lens needs it."""
     sites: Family
     """The family's module paths."""
+    n_heads: int = 0
+    """Attention (query) heads."""
+    n_kv_heads: int = 0
+    """Key-value heads (fewer than ``n_heads`` under grouped-query attention)."""
+    d_head: int = 0
+    """Width of one head."""
 
     def check(self, hook: str) -> tuple[int | None, str]:
         """:func:`parse_hook`, and check the layer exists in this model.
@@ -425,6 +433,9 @@ class ModelAdapter:
                 f"hook {hook!r}: the width of a module hook is not known before a forward "
                 "pass; capture it once and read acts_BSD.shape[-1]"
             )
+        if kind in _heads.HEAD_KINDS:
+            n, d = _heads.head_layout(self, hook)
+            return n * d
         return self.d_mlp if kind == "mlp.hook_post" else self.d_model
 
     def final_norm(self, model: nn.Module) -> nn.Module:
@@ -492,6 +503,8 @@ class ModelAdapter:
         if layer is None:
             return module_at(model, hook), "output"
         block = self.layer(model, layer)
+        if kind in _heads.HEAD_KINDS:  # registered by actstore.ingest.heads.register
+            return block.get_submodule(_heads.sites_for(self).attn), "output"
         if kind == "hook_resid_pre":
             return block, "input"
         if kind == "hook_resid_post":
@@ -549,6 +562,7 @@ def adapter_for(model_or_config: Any) -> ModelAdapter:
         d_mlp=sites.d_mlp(config),
         logit_softcap=getattr(config, "final_logit_softcapping", None),
         sites=sites,
+        **dict(zip(("n_heads", "n_kv_heads", "d_head"), _heads.head_geometry(config), strict=True)),
     )
 
 

@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from actstore.errors import InputError
+from actstore.ingest import heads as _heads
 from actstore.ingest.families import (
     HOOK_KINDS,
     MODULE_PREFIX,
@@ -86,6 +87,8 @@ def _register(
     """Call ``fn(acts)`` at a hook; a returned tensor replaces the activation."""
     if adapter is None:
         module, side = module_at(model, hook), "output"
+    elif _heads.is_head_hook(hook):  # per-head hooks slice or recompute (ingest.heads)
+        return _heads.register(model, adapter, hook, fn)  # type: ignore[no-any-return]
     else:
         module, side = adapter.site(model, hook)
     if side == "output":
