@@ -145,8 +145,13 @@ class CaptureSpec:
     """Padding of batches (both give the same values at real tokens)."""
     commit_interval: float = 30.0
     """Seconds between forced commits of buffered batches."""
+    attention_keep: str = "mass:0.99"
+    """Which keys of ``attn.hook_pattern`` / ``hook_attn_scores`` to store per query and head:
+    ``mass:P`` (fewest keys with weight sum >= P), ``top:K`` or ``above:T``
+    (:class:`actstore.ingest.heads.AttentionKeep`)."""
 
     def __post_init__(self) -> None:
+        from actstore.ingest.heads import AttentionKeep
         from actstore.ingest.positions import parse_positions
 
         if isinstance(self.positions, str):
@@ -154,6 +159,7 @@ class CaptureSpec:
         if isinstance(self.hooks, str):
             object.__setattr__(self, "hooks", (self.hooks,))
         parse_positions(self.positions)
+        AttentionKeep.parse(self.attention_keep)
         if self.batch_size < 1:
             raise SpecError(f"capture.batch_size must be >= 1, got {self.batch_size}")
         if self.max_length < 2:

@@ -230,6 +230,7 @@ def _ensure_run(out: Store, parts: Sequence[ShardRun], all_stores: Sequence[Shar
         provenance=prov,
         parent_run_id=parent,
         edit_id=edit_id,
+        heads=prov.get("heads"),
     )
     for name in prov.get("saes") or []:
         s = _one(st, "SELECT * FROM saes WHERE name = ?", [name])
@@ -348,6 +349,8 @@ def _copy_block(
             t.column("feature").to_numpy()[keep],
             t.column("value").to_numpy()[keep],
         )
+    att = _attention_block(st, rid, r0, r1)
+    att_r = att.column("row").to_numpy() if att is not None else None
     tok_p = tokens.column("prompt_idx").to_numpy()
     gen_p = gens.column("prompt_idx").to_numpy()
     sc_p = scores.column("prompt_idx").to_numpy()
@@ -375,7 +378,30 @@ def _copy_block(
             features=bf,
             generations=g if g.num_rows else None,
             scores=s if s.num_rows else None,
+            attention=None
+            if att_r is None
+            else _rebase(att, _split_sorted(att_r, f0, f0 + nr), f0),
         )
+
+
+def _attention_block(st: Store, rid: int, r0: int, r1: int) -> pa.Table | None:
+    """A shard run's ``attention`` rows for rows ``[r0, r1)``, sorted by row; None if none."""
+    has = st.catalog.read(
+        "SELECT count(*) AS n FROM duckdb_tables() WHERE table_name = 'attention'"
+    ).to_pylist()[0]["n"]
+    if not has:
+        return None
+    return st.catalog.read(
+        'SELECT "row", layer, head, key_position, weight, score FROM attention '
+        'WHERE run_id = ? AND "row" >= ? AND "row" < ? ORDER BY "row", layer, head, key_position',
+        [rid, r0, r1],
+    )
+
+
+def _rebase(t: pa.Table, sl: slice, first_row: int) -> pa.Table:
+    part = t.slice(*_slice_args(sl))
+    rows = pc.subtract(part.column("row"), pa.scalar(first_row, pa.int64()))
+    return part.set_column(0, "row", rows)
 
 
 def _slice_args(sl: slice) -> tuple[int, int]:

@@ -25,6 +25,7 @@ from actstore.errors import InputError, NotAStoreError
 from actstore.ingest import positions as _pos
 from actstore.ingest.derived import check_compatible, iter_derived, source_labels
 from actstore.ingest.families import adapter_for, expand_hooks
+from actstore.ingest.heads import is_attention_hook
 from actstore.ingest.job import IngestJob
 from actstore.ingest.label_types import mixed_notes
 from actstore.ingest.models import load_tokenizer, resolve_device, tokenizer_hash
@@ -176,6 +177,8 @@ def plan(job: IngestJob) -> Plan:
     for h in hooks:
         if h.startswith("module:"):
             widths[h] = -1  # known after the first forward pass
+        elif is_attention_hook(h):  # not arrays: rows of the attention table
+            adapter.check(h)
         else:
             adapter.check(h)
             widths[h] = adapter.hook_width(h)
@@ -202,7 +205,7 @@ def plan(job: IngestJob) -> Plan:
     saes = []
     for s in job.saes:
         loaded = load_sae(s, device)
-        check_sae(loaded, hooks, widths)
+        check_sae(loaded, [h for h in hooks if not is_attention_hook(h)], widths)
         saes.append(loaded)
     return Plan(
         job,

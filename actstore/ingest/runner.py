@@ -38,6 +38,7 @@ import pyarrow as pa
 import torch
 
 import actstore
+from actstore.ingest import heads as _heads
 from actstore.ingest import positions as _pos
 from actstore.ingest.batches import BackgroundWriter, pad_batch, token_table
 from actstore.ingest.derived import checkpoint_labels, derived_checkpoint
@@ -129,6 +130,8 @@ def _job_hash(p: Plan, weights: str, ps: PromptSet, edit: EditContext | None) ->
         ],
         "edit": edit.spec_hash if edit else None,
     }
+    if any(_heads.is_attention_hook(h) for h in p.hooks):  # likewise
+        body["attention_keep"] = cap.attention_keep
     metrics = _metrics(p, edit)
     if metrics:  # only then, so runs made before metrics existed keep their hash
         body["metrics"] = [m.to_dict() for m in metrics]
@@ -204,6 +207,8 @@ def _ingest_run(
         ps = dataclasses.replace(ps, tokenized=[tp for tp in ps.tokenized if tp.prompt_idx in keep])
     metrics = _metrics(p, edit)
     widths = dict(p.widths)
+    dense = [h for h in p.hooks if not _heads.is_attention_hook(h)]  # the rest: attention rows
+    keep = _heads.AttentionKeep.parse(cap.attention_keep) if len(dense) < len(p.hooks) else None
     if any(w < 0 for w in widths.values()):  # module: hooks: measure on one prompt
         ids = torch.tensor([ps.tokenized[0].ids], device=p.device)
         with torch.inference_mode():
@@ -239,8 +244,9 @@ def _ingest_run(
         prompt_set_id=pset_id,
         hooks={
             h: (p.adapter.check(h)[0] if not h.startswith("module:") else None, widths[h])
-            for h in p.hooks
+            for h in dense
         },
+        heads=_heads.head_layouts(p.adapter, dense),
         positions=",".join(str(x) for x in p.policies),
         store_dtype=cap.store_dtype,
         compression=cap.compression or None,
@@ -262,6 +268,7 @@ def _ingest_run(
             "tokenizer_hash": p.tok_hash,
             "prompt_set": {"path": ps.spec.path, "hash": ps.hash},
             "hooks": p.hooks,
+            **_heads.provenance(p.adapter, dense, cap.attention_keep if keep else None),
             "positions": [str(x) for x in p.policies],
             "store_dtype": cap.store_dtype,
             "device": p.device,
@@ -380,7 +387,10 @@ def _ingest_run(
                     acts = run_capture(
                         ck.model, p.hooks, input_ids=ids, attention_mask=mask, position_ids=pos
                     )
-                rows_ND = {h: a[stored] for h, a in acts.items()}
+                attention = (
+                    _heads.attention_rows(acts, stored, offs.tolist(), keep) if keep else None
+                )
+                rows_ND = {h: acts[h][stored] for h in dense}
                 features = {}
                 for s in p.saes:
                     features[sae_ids[s.name]] = encode_sparse(s.sae, rows_ND[s.hook].float())
@@ -394,6 +404,7 @@ def _ingest_run(
                     "features": features,
                     "generations": gens_t,
                     "scores": scores_t,
+                    "attention": attention,
                 }
             )
             done = sum(len(tp.ids) for tp in batch)

@@ -294,6 +294,7 @@ def create_run(
     parent_run_id: int | None = None,
     edit_id: int | None = None,
     capacity: int = 0,
+    heads: Mapping[str, Any] | None = None,
 ) -> int:
     """Create a run and its (empty) arrays; return its ``run_id``.
 
@@ -306,6 +307,9 @@ def create_run(
         Hook name -> (layer or None, width D).
     capacity
         Rows to allocate up front (the arrays grow as needed).
+    heads
+        Hook name -> ``[n_heads, d_head]`` for per-head hooks, whose ``d`` columns are
+        ``n_heads * d_head`` head-major; recorded as the array attribute ``heads``.
 
     Example
     -------
@@ -337,7 +341,11 @@ def create_run(
                 dtype=store_dtype,
                 capacity=capacity,
                 layout=layout,
-                attributes={"run_id": rid, "hook": hook},
+                attributes={
+                    "run_id": rid,
+                    "hook": hook,
+                    **({"heads": list(heads[hook])} if heads and hook in heads else {}),
+                },
                 dimension_names=("row", "d" if len(widths) == 1 else f"d{d}"),
             )
             con.execute(

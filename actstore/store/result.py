@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
+from actstore.errors import InputError
+
 if TYPE_CHECKING:
     import pandas as pd
     import polars as pl
@@ -101,6 +103,9 @@ class Acts:
         and labels.
     values
         numpy array in the stored dtype (``ml_dtypes.bfloat16`` for bfloat16).
+    head_layout
+        ``(n_heads, d_head)`` for per-head hooks (``blocks.L.attn.hook_q/k/v/z``),
+        whose columns are head-major; else None. See :meth:`heads`.
 
     Example
     -------
@@ -109,13 +114,44 @@ class Acts:
     """
 
     def __init__(
-        self, run: str, hook: str, rows: np.ndarray, meta: pa.Table, values: np.ndarray
+        self,
+        run: str,
+        hook: str,
+        rows: np.ndarray,
+        meta: pa.Table,
+        values: np.ndarray,
+        heads: Any = None,
     ) -> None:
         self.run = run
         self.hook = hook
         self.rows = rows
         self.meta = meta
         self.values = values
+        self.head_layout: tuple[int, int] | None = tuple(heads) if heads else None  # type: ignore[assignment]
+
+    def heads(self, dtype: Any = None) -> np.ndarray:
+        """The values of a per-head hook as ``(N, H, d_head)`` (TransformerLens' layout).
+
+        ``H`` is the number of query heads for ``hook_q`` / ``hook_z`` and of
+        key-value heads for ``hook_k`` / ``hook_v`` (fewer under grouped-query attention).
+
+        Raises
+        ------
+        InputError
+            For a hook that is not per-head.
+
+        Example
+        -------
+        >>> a = st.acts("main/p", "blocks.1.attn.hook_z", where="position_role = 'last'")  # doctest: +SKIP
+        >>> a.shape, a.heads().shape  # doctest: +SKIP
+        ((20, 32), (20, 4, 8))
+        """
+        if self.head_layout is None:
+            raise InputError(
+                f"hook {self.hook!r} of run {self.run!r} has no head layout; heads() is for "
+                "per-head hooks (blocks.L.attn.hook_q, hook_k, hook_v, hook_z): use numpy()"
+            )
+        return self.numpy(dtype).reshape(len(self), *self.head_layout)
 
     def __len__(self) -> int:
         return int(self.values.shape[0])

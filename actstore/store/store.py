@@ -376,7 +376,7 @@ class Store:
             arr, sel, name=f"{info['path']} (run {run!r}, hook {hook!r})", committed=n
         )
         run_name = str(meta.column("run")[0]) if meta.num_rows else str(run)
-        return Acts(run_name, hook, sel, meta, values)
+        return Acts(run_name, hook, sel, meta, values, heads=arr.attrs.get("heads"))
 
     def iter_acts(
         self,
@@ -400,7 +400,7 @@ class Store:
         for a in range(0, sel.size, block_rows):
             rows = sel[a : a + block_rows]
             vals = _access.read_rows(arr, rows, name=name, committed=int(info["n_rows"]))
-            yield Acts(run_name, hook, rows, meta.slice(a, rows.size), vals)
+            yield Acts(run_name, hook, rows, meta.slice(a, rows.size), vals, arr.attrs.get("heads"))
 
     def batches(self, runs: Any, hook: str, batch_size: int, **kwargs: Any) -> Iterator[Any]:
         """Shuffled ``(batch_size, D)`` torch tensors of one hook's rows in one or several runs.

@@ -84,6 +84,7 @@ class _Pending:
     features: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]
     generations: pa.Table | None
     scores: pa.Table | None
+    attention: pa.Table | None = None
     stats: dict[str, _hookstats.HookStats] = field(default_factory=dict)
 
 
@@ -249,6 +250,7 @@ class RunWriter:
         features: Mapping[int, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
         generations: pa.Table | Mapping[str, Any] | None = None,
         scores: pa.Table | Mapping[str, Any] | None = None,
+        attention: pa.Table | None = None,
     ) -> None:
         """Queue one batch; it is committed by a later flush (automatic) or :meth:`close`.
 
@@ -265,6 +267,9 @@ class RunWriter:
             SAE id -> (batch-local rows, feature ids, values) of nonzeros.
         generations, scores
             Rows for the ``generations`` and ``scores`` tables (without ``run_id``).
+        attention
+            Kept attention-pattern entries (``actstore.ingest.heads.attention_rows``)
+            with batch-local ``row``, for the ``attention`` table (made by the first commit).
 
         Example
         -------
@@ -306,6 +311,7 @@ class RunWriter:
                 features={int(k): v for k, v in (features or {}).items()},
                 generations=_as_table(generations, "generations"),
                 scores=_as_table(scores, "scores"),
+                attention=attention if attention is not None and attention.num_rows else None,
                 stats=stats,
             )
         )
@@ -423,6 +429,7 @@ class RunWriter:
         tokens = pa.concat_tables([_token_rows(b, self.run_id) for b in batches])
         gens = [g for b in batches if (g := b.generations) is not None]
         scs = [s for b in batches if (s := b.scores) is not None]
+        att = [_attention_rows(b) for b in batches if b.attention is not None]
         if self._before_commit is not None:
             self._before_commit()
 
@@ -461,12 +468,39 @@ class RunWriter:
                     cols = ", ".join(["run_id", *t.column_names])
                     con.execute(f"INSERT INTO {table} ({cols}) SELECT {self.run_id}, * FROM _t")
                     con.unregister("_t")
+            if att:
+                t = pa.concat_tables(att)
+                con.execute(
+                    f"CREATE TABLE IF NOT EXISTS attention ({', '.join(ATTENTION_COLUMNS)})"
+                )
+                con.register("_t", t)
+                con.execute(f"INSERT INTO attention SELECT {self.run_id}, * FROM _t")
+                con.unregister("_t")
             con.execute("UPDATE arrays SET n_rows = ? WHERE run_id = ?", [end_row, self.run_id])
             _hookstats.commit(con, self.run_id, _hookstats.merged([b.stats for b in batches]))
             bump_commit_seq(con)
 
         self.store.catalog.transact(body)
         self.committed_rows = end_row
+
+
+ATTENTION_COLUMNS = (
+    "run_id INTEGER",
+    '"row" BIGINT',
+    "layer INTEGER",
+    "head INTEGER",
+    "key_position INTEGER",
+    "weight REAL",
+    "score REAL",
+)
+"""The ``attention`` table: kept (query row, layer, head, key) entries of attention patterns."""
+
+
+def _attention_rows(b: _Pending) -> pa.Table:
+    t = b.attention
+    assert t is not None
+    rows = pc.add(t.column("row"), pa.scalar(b.first_row, pa.int64()))
+    return t.set_column(t.column_names.index("row"), "row", rows)
 
 
 def _token_rows(b: _Pending, run_id: int) -> pa.Table:
