@@ -213,7 +213,8 @@ def attention_scores(
         After rotary embeddings; ``K`` key-value heads (repeated to ``H`` as HF's
         ``repeat_kv`` does).
     mask
-        HF's mask as passed: ``None`` (causal), boolean (True = attend) or additive.
+        HF's mask as passed: ``None`` (causal), a 4-D boolean (True = attend) or
+        additive mask, or a 2-D ``(B, S)`` padding mask (flash attention; causal added).
     scaling, softcap
         As HF passes them (``None``: ``d_head ** -0.5``, no soft-cap).
 
@@ -235,8 +236,11 @@ def attention_scores(
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
     n_q, n_k = scores.shape[-2:]
+    causal = torch.ones(n_q, n_k, dtype=torch.bool, device=scores.device).tril(n_k - n_q)
     if mask is None:
-        allowed = torch.ones(n_q, n_k, dtype=torch.bool, device=scores.device).tril(n_k - n_q)
+        allowed = causal
+    elif mask.dim() == 2:  # flash attention's (B, S) padding mask: 1 = a real token
+        allowed = causal & mask[:, None, None, :n_k].bool()
     else:
         m = mask[..., :n_k]
         allowed = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
@@ -366,7 +370,9 @@ def attention_rows(
     by_layer: dict[int, dict[str, torch.Tensor]] = {}
     for hook, value in acts.items():
         if is_attention_hook(hook):
-            by_layer.setdefault(int(hook.split(".")[1]), {})[_kind(hook)] = value
+            by_layer.setdefault(_layer(hook), {})[_kind(hook)] = value
+    if not by_layer:
+        return ATTENTION_SCHEMA.empty_table()
     b_N, q_N = stored_BS.nonzero(as_tuple=True)
     off_N = torch.as_tensor(offsets, device=stored_BS.device)[b_N]
     parts = []

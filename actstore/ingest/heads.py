@@ -210,23 +210,24 @@ def head_layouts(adapter: ModelAdapter, hooks: list[str]) -> dict[str, list[int]
     }
 
 
-def provenance(adapter: ModelAdapter, dense: list[str], keep: str | None) -> dict[str, Any]:
+def provenance(adapter: ModelAdapter, hooks: list[str], keep: str) -> dict[str, Any]:
     """The run provenance entries of per-head capture: ``heads`` and ``attention_keep``.
 
-    Empty for runs without per-head hooks, so their provenance is unchanged.
+    Empty for runs without per-head hooks, so their provenance is unchanged;
+    ``attention_keep`` only where a pattern or score hook is captured.
 
     Example
     -------
     >>> from transformers import GPT2Config
     >>> from actstore.ingest.families import adapter_for
-    >>> provenance(adapter_for(GPT2Config(n_layer=1)), ["blocks.0.hook_resid_pre"], None)
+    >>> provenance(adapter_for(GPT2Config(n_layer=1)), ["blocks.0.hook_resid_pre"], "mass:0.99")
     {}
     """
     out: dict[str, Any] = {}
-    layouts = head_layouts(adapter, dense)
+    layouts = head_layouts(adapter, hooks)
     if layouts:
         out["heads"] = layouts
-    if keep is not None:
+    if any(is_attention_hook(h) for h in hooks):
         out["attention_keep"] = keep
     return out
 

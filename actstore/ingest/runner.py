@@ -130,7 +130,7 @@ def _job_hash(p: Plan, weights: str, ps: PromptSet, edit: EditContext | None) ->
         ],
         "edit": edit.spec_hash if edit else None,
     }
-    if any(_heads.is_attention_hook(h) for h in p.hooks):  # likewise
+    if any(_heads.is_attention_hook(h) for h in p.hooks):  # only then: old hashes stay
         body["attention_keep"] = cap.attention_keep
     metrics = _metrics(p, edit)
     if metrics:  # only then, so runs made before metrics existed keep their hash
@@ -208,7 +208,7 @@ def _ingest_run(
     metrics = _metrics(p, edit)
     widths = dict(p.widths)
     dense = [h for h in p.hooks if not _heads.is_attention_hook(h)]  # the rest: attention rows
-    keep = _heads.AttentionKeep.parse(cap.attention_keep) if len(dense) < len(p.hooks) else None
+    att_keep = _heads.AttentionKeep.parse(cap.attention_keep)
     if any(w < 0 for w in widths.values()):  # module: hooks: measure on one prompt
         ids = torch.tensor([ps.tokenized[0].ids], device=p.device)
         with torch.inference_mode():
@@ -268,7 +268,7 @@ def _ingest_run(
             "tokenizer_hash": p.tok_hash,
             "prompt_set": {"path": ps.spec.path, "hash": ps.hash},
             "hooks": p.hooks,
-            **_heads.provenance(p.adapter, dense, cap.attention_keep if keep else None),
+            **_heads.provenance(p.adapter, p.hooks, cap.attention_keep),
             "positions": [str(x) for x in p.policies],
             "store_dtype": cap.store_dtype,
             "device": p.device,
@@ -387,9 +387,7 @@ def _ingest_run(
                     acts = run_capture(
                         ck.model, p.hooks, input_ids=ids, attention_mask=mask, position_ids=pos
                     )
-                attention = (
-                    _heads.attention_rows(acts, stored, offs.tolist(), keep) if keep else None
-                )
+                attention = _heads.attention_rows(acts, stored, offs.tolist(), att_keep)
                 rows_ND = {h: acts[h][stored] for h in dense}
                 features = {}
                 for s in p.saes:

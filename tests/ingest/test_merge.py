@@ -65,7 +65,12 @@ def job_dict(root: Path, model_dir: Path, store: str, **capture: Any) -> dict[st
             {"name": "more", "path": str(root / "more.jsonl")},
         ],
         "capture": {
-            "hooks": ["blocks.*.hook_resid_post", "blocks.1.mlp.hook_post"],
+            "hooks": [
+                "blocks.*.hook_resid_post",
+                "blocks.1.mlp.hook_post",
+                "blocks.1.attn.hook_k",  # per-head: a head layout, and the attention table
+                "blocks.0.attn.hook_pattern",
+            ],
             "positions": ["all", "completion"],
             "store_dtype": "bfloat16",
             "batch_size": 2,
@@ -130,6 +135,7 @@ def catalog_content(path: Path) -> dict[str, list[tuple[Any, ...]]]:
         ("generations", "run_id, prompt_idx, sample_idx"),
         ("scores", "run_id, prompt_idx, sample_idx, scorer"),
         ("features", "run_id, sae_id, row, feature"),
+        ("attention", "run_id, row, layer, head, key_position"),
         ("edits", "edit_id"),
     ]:
         res = st.sql(f"SELECT * FROM {table} ORDER BY {key}")
@@ -166,11 +172,13 @@ def test_three_shards_merge_equal_one_ingest_bit_for_bit(sharded):
         assert merged[table] == whole[table], f"table {table} differs"
     assert len(whole["features"]) > 100 and len(whole["generations"]) == 18
     a, b = array_bits(sharded["whole"]), array_bits(sharded["merged"])
-    assert a.keys() == b.keys() and len(a) == 8
+    assert a.keys() == b.keys() and len(a) == 10
     for key in a:
         assert a[key].dtype == np.uint16 and a[key].shape[0] > 40
         np.testing.assert_array_equal(a[key], b[key], err_msg=str(key))
+    assert len(whole["attention"]) > 500
     st = actstore.open(sharded["merged"])
+    assert st.acts("main/more", "blocks.1.attn.hook_k").heads().shape[1:] == (2, 8)
     assert st.sql("SELECT DISTINCT status FROM runs").fetchall() == [("complete",)]
     prov = json.loads(st.sql("SELECT provenance FROM runs WHERE run_id = 1").fetchall()[0][0])
     assert [m["shard"] for m in prov["merged_from"]] == ["0/3", "1/3", "2/3"]
