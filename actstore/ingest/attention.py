@@ -118,11 +118,11 @@ def _interface() -> Any:
 
 def _original(impl: str, previous: Any, module: nn.Module) -> Callable[..., Any]:
     if previous is not _MISSING:
-        return previous  # type: ignore[no-any-return]
+        return previous
     glob = type(_interface())._global_mapping
     if impl in glob:
-        return glob[impl]  # type: ignore[no-any-return]
-    return sys.modules[type(module).__module__].eager_attention_forward  # type: ignore[no-any-return]
+        return glob[impl]
+    return sys.modules[type(module).__module__].eager_attention_forward
 
 
 def _make_wrapper(impl: str) -> Callable[..., Any]:

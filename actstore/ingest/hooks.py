@@ -88,7 +88,7 @@ def _register(
     if adapter is None:
         module, side = module_at(model, hook), "output"
     elif _heads.is_head_hook(hook):  # per-head hooks slice or recompute (ingest.heads)
-        return _heads.register(model, adapter, hook, fn)  # type: ignore[no-any-return]
+        return _heads.register(model, adapter, hook, fn)
     else:
         module, side = adapter.site(model, hook)
     if side == "output":

@@ -127,7 +127,7 @@ class Acts:
         self.rows = rows
         self.meta = meta
         self.values = values
-        self.head_layout: tuple[int, int] | None = tuple(heads) if heads else None  # type: ignore[assignment]
+        self.head_layout: tuple[int, int] | None = tuple(heads) if heads else None
 
     def heads(self, dtype: Any = None) -> np.ndarray:
         """The values of a per-head hook as ``(N, H, d_head)`` (TransformerLens' layout).
