@@ -287,3 +287,22 @@ def test_default_rows_keep_99_percent_and_equal_tl_on_kept_entries(
     assert all(mass[at] - smallest[at] < 0.99 for at in mass)  # and no more keys than needed
     half = attention_rows(acts, mask_BS.bool(), offsets, AttentionKeep.parse("mass:0.5"))
     assert 0 < half.num_rows < len(t)  # random tiny models attend diffusely: 0.99 keeps most
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "gemma2"])
+def test_eager_models_pattern_equals_hf_output_attentions(family, tiny_model_dirs) -> None:
+    """Under eager attention HF returns the pattern itself; the wrapped eager function agrees."""
+    hf = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dirs[family], attn_implementation="eager"
+    ).eval()
+    batch = tiny_tokenizer(padding_side="right")(list(PROMPTS), padding=True, return_tensors="pt")
+    hooks = [f"blocks.{layer}.attn.hook_pattern" for layer in range(N_LAYERS)]
+    with capture(hf, hooks) as acts, torch.no_grad():
+        out = hf(**batch, output_attentions=True)
+    real = batch["attention_mask"].bool()
+    for layer, hook in enumerate(hooks):
+        for i in range(len(PROMPTS)):
+            q = real[i]
+            torch.testing.assert_close(
+                acts[hook][i][:, q][:, :, q], out.attentions[layer][i][:, q][:, :, q]
+            )
