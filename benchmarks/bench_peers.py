@@ -25,8 +25,8 @@ of the same token ids (``--prompts`` x ``--seq``, the first a BOS, no padding), 
 * ``actstore run_job``: ``run_job(IngestJob)`` in Python;
 * ``actstore layers 0-3``: ``run_job`` capturing only ``blocks.0-3.hook_resid_post``.
 
-Every contender runs in a fresh Python process (so no allocator setting, cache or import is
-shared), and the contenders alternate: round ``r`` starts at contender ``r`` mod n. Per contender:
+Every contender runs in a fresh Python process (``peers_contenders.py``; so no allocator
+setting, cache or import is shared), and the contenders alternate: round ``r`` starts at contender ``r`` mod n. Per contender:
 
 * ``loop s``: the capture itself, from the model loaded to the last byte written (for actstore
   the run's own time: prompt set, run record, forward passes, writes, commit);
@@ -35,7 +35,7 @@ shared), and the contenders alternate: round ``r`` starts at contender ``r`` mod
 
 Ratios are the median over rounds of (contender / bare body in the same round). In the first
 round each contender's output is checked against a plain torch forward with forward hooks on the
-same batch (bit-identical or the max difference), and actstore's stored token ids against the
+same batch (``peers_check.py``: bit-identical or the max difference), and actstore's stored token ids against the
 ids given. Then peak RSS of ``run_job`` against prompt count (``--rss-prompts``).
 
 Usage: ``python benchmarks/bench_peers.py`` (about 5-8 minutes on 2 quiet cores), or
@@ -50,7 +50,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -61,10 +60,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from peers_check import check, reference  # benchmarks/ is on sys.path when run as a script
+from peers_contenders import RUN, du, job_dict
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-RUN = "main/p"  # actstore's run name: checkpoint label / prompt set name
 VOCAB = 50257
 
 CONTENDERS = {
@@ -121,20 +121,6 @@ def write_tokens(root: Path, n: int, seq: int, vocab: int, seed: int = 0) -> tup
             text = " ".join(f"w{t - 4}" for t in row[1:])
             f.write(json.dumps({"prompt": text, "i": i}) + "\n")
     return npy, jsonl
-
-
-def job_dict(spec: dict[str, Any], store: Path, hooks: list[str]) -> dict[str, Any]:
-    return {
-        "store": str(store),
-        "model": {"path": spec["model"], "device": "cpu"},
-        "prompts": [{"name": "p", "path": spec["prompts"]}],
-        "capture": {
-            "hooks": hooks,
-            "store_dtype": "float16",
-            "batch_size": spec["batch"],
-            "max_length": spec["seq"] + 8,
-        },
-    }
 
 
 def job_toml(job: dict[str, Any]) -> str:
@@ -197,12 +183,6 @@ def spawn(cmd: list[str], env: dict[str, str], log: Path) -> dict[str, Any]:
     }
 
 
-def du(path: Path) -> int:
-    if not path.exists():
-        return 0
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
 def run_contender(name: str, spec: dict[str, Any], work: Path, log: Path) -> dict[str, Any]:
     """One measurement of one contender in a fresh process; its output left in ``work``."""
     env = child_env(spec["threads"], Path(spec["root"]))
@@ -222,358 +202,10 @@ def run_contender(name: str, spec: dict[str, Any], work: Path, log: Path) -> dic
         return got
     cfg = {**spec, "contender": name, "work": str(work), "result": str(res_path)}
     (work / "spec.json").write_text(json.dumps(cfg))
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(work / "spec.json")]
+    cmd = [sys.executable, str(HERE / "peers_contenders.py"), str(work / "spec.json")]
     got = spawn(cmd, env, log)
     got.update(json.loads(res_path.read_text()))
     return got
-
-
-# -- contenders (children) -------------------------------------------------------------------------
-
-
-def _model_and_ids(cfg: dict[str, Any]) -> tuple[Any, Any]:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch.set_num_threads(cfg["threads"])
-    model = AutoModelForCausalLM.from_pretrained(cfg["model"]).eval()
-    ids = torch.from_numpy(np.load(cfg["ids"]))
-    return model, ids
-
-
-def _batches(ids: Any, batch: int) -> list[Any]:
-    return [ids[i : i + batch] for i in range(0, len(ids), batch)]
-
-
-def _save(out: Path, layer: int, b: int, acts_BSD: Any) -> None:
-    import torch
-
-    np.save(
-        out / f"L{layer}_b{b}.npy",
-        acts_BSD.to(torch.float16).reshape(-1, acts_BSD.shape[-1]).numpy(),
-    )
-
-
-def child_bare(cfg: dict[str, Any], full: bool) -> dict[str, Any]:
-    import torch
-
-    model, ids = _model_and_ids(cfg)
-    run = model if full else model.transformer
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        for x in _batches(ids, cfg["batch"]):
-            run(x)
-    return {"loop_s": time.perf_counter() - t0}
-
-
-def child_hf_hidden(cfg: dict[str, Any]) -> dict[str, Any]:
-    import torch
-
-    model, ids = _model_and_ids(cfg)
-    out = Path(cfg["work"]) / "out"
-    out.mkdir()
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        for b, x in enumerate(_batches(ids, cfg["batch"])):
-            hs = model(x, output_hidden_states=True).hidden_states  # [embeddings, block 0, ...]
-            for layer in range(cfg["layers"]):
-                _save(out, layer, b, hs[layer + 1])
-    return {"loop_s": time.perf_counter() - t0, "out_dir": str(out)}
-
-
-def child_nnsight(cfg: dict[str, Any]) -> dict[str, Any]:
-    import torch
-    from nnsight import NNsight
-
-    model, ids = _model_and_ids(cfg)
-    nm = NNsight(model)
-    out = Path(cfg["work"]) / "out"
-    out.mkdir()
-    n_layers = cfg["layers"]
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        for b, x in enumerate(_batches(ids, cfg["batch"])):
-            saved: list[Any] = []  # filled inside the trace (a list made there stays there)
-            with nm.trace(x):
-                for layer in range(n_layers):
-                    saved.append(nm.transformer.h[layer].output.save())
-            for layer, acts in enumerate(saved):
-                _save(out, layer, b, acts[0] if isinstance(acts, tuple) else acts)
-    return {"loop_s": time.perf_counter() - t0, "out_dir": str(out)}
-
-
-def child_tlens(cfg: dict[str, Any]) -> dict[str, Any]:
-    import torch
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
-
-    hf, ids = _model_and_ids(cfg)
-    c = hf.config
-    tcfg = HookedTransformerConfig(
-        n_layers=c.n_layer,
-        d_model=c.n_embd,
-        n_ctx=c.n_positions,
-        d_head=c.n_embd // c.n_head,
-        n_heads=c.n_head,
-        d_vocab=c.vocab_size,
-        act_fn="gelu_new",
-        normalization_type="LN",
-    )
-    tl = HookedTransformer(tcfg)
-    tl.load_state_dict(convert_gpt2_weights(hf, tcfg), strict=False)
-    tl.eval()
-    del hf
-    out = Path(cfg["work"]) / "out"
-    out.mkdir()
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        for b, x in enumerate(_batches(ids, cfg["batch"])):
-            _, cache = tl.run_with_cache(x, names_filter=lambda n: n.endswith("hook_resid_post"))
-            for layer in range(cfg["layers"]):
-                _save(out, layer, b, cache[f"blocks.{layer}.hook_resid_post"])
-    return {"loop_s": time.perf_counter() - t0, "out_dir": str(out)}
-
-
-def child_saelens(cfg: dict[str, Any]) -> dict[str, Any]:
-    import torch
-    from datasets import Dataset
-    from sae_lens import CacheActivationsRunner, CacheActivationsRunnerConfig
-
-    torch.set_num_threads(cfg["threads"])
-    ids = np.load(cfg["ids"])
-    n, seq = ids.shape
-    ds = Dataset.from_dict({"input_ids": ids.tolist()})  # pre-tokenized: rows used as they are
-    layers = range(cfg["layers"]) if cfg["saelens_hooks"] == "all" else [cfg["layers"] - 1]
-    bytes_per_token = cfg["d"] * 2
-    loop = 0.0
-    dirs = {}
-    for layer in layers:
-        hook = f"transformer.h.{layer}"
-        out = Path(cfg["work"]) / f"out_{layer}"
-        runner = CacheActivationsRunner(
-            CacheActivationsRunnerConfig(
-                dataset_path=cfg["ids"],  # only a label here: override_dataset is what is read
-                model_name=cfg["model"],
-                model_class_name="AutoModelForCausalLM",
-                model_batch_size=cfg["batch"],
-                hook_name=hook,
-                d_in=cfg["d"],
-                training_tokens=n * seq,
-                context_size=seq,
-                new_cached_activations_path=str(out),
-                shuffle=False,
-                streaming=False,
-                prepend_bos=False,  # the ids start with BOS already
-                dtype="float16",
-                device="cpu",
-                # one buffer holding every token (the default 2 GB would drop a partial buffer)
-                buffer_size_gb=(n * seq * bytes_per_token + 0.5) / 1e9,
-            ),
-            override_dataset=ds,
-        )
-        t0 = time.perf_counter()
-        runner.run()
-        loop += time.perf_counter() - t0
-        dirs[layer] = str(out)
-        del runner
-    return {
-        "loop_s": loop,
-        "out_dirs": dirs,
-        "out_bytes": sum(du(Path(p)) for p in dirs.values()),
-        "values": n * seq * len(layers) * cfg["d"],
-        "hooks_captured": len(layers),
-    }
-
-
-def child_run_job(cfg: dict[str, Any], hooks: list[str]) -> dict[str, Any]:
-    import torch
-
-    torch.set_num_threads(cfg["threads"])
-    from actstore.ingest.job import IngestJob
-    from actstore.ingest.runner import run_job
-
-    store = Path(cfg["work"]) / "store"
-    t0 = time.perf_counter()
-    s = run_job(IngestJob.from_dict(job_dict(cfg, store, hooks)), quiet=True)
-    job_s = time.perf_counter() - t0
-    r = s.runs[0]
-    import actstore
-
-    shard_rows = actstore.open(store).sql("SELECT max(shard_rows) FROM arrays").fetchall()[0][0]
-    return {
-        "shard_rows": int(shard_rows),
-        "loop_s": r.seconds,
-        "job_s": job_s,
-        "rows": r.rows,
-        "array_bytes": r.bytes,
-        "out_bytes": du(store),
-        "values": r.rows * (cfg["layers"] if "*" in hooks[0] else len(hooks)) * cfg["d"],
-    }
-
-
-def child_main(spec_path: Path) -> None:
-    cfg = json.loads(spec_path.read_text())
-    name = cfg["contender"]
-    all_hooks = ["blocks.*.hook_resid_post"]
-    if name in ("bare_body", "bare_full"):
-        got = child_bare(cfg, full=name == "bare_full")
-    elif name == "hf_hidden":
-        got = child_hf_hidden(cfg)
-    elif name == "nnsight":
-        got = child_nnsight(cfg)
-    elif name == "tlens":
-        got = child_tlens(cfg)
-    elif name == "saelens":
-        got = child_saelens(cfg)
-    elif name == "run_job":
-        got = child_run_job(cfg, all_hooks)
-    elif name == "layers03":
-        got = child_run_job(cfg, [f"blocks.{i}.hook_resid_post" for i in range(4)])
-    else:
-        raise SystemExit(f"unknown contender {name!r}")
-    import torch
-
-    got["torch_threads"] = torch.get_num_threads()
-    got["rusage_self_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if "out_dir" in got:
-        got["out_bytes"] = du(Path(got["out_dir"]))
-        got["values"] = cfg["n"] * cfg["seq"] * cfg["layers"] * cfg["d"]
-    Path(cfg["result"]).write_text(json.dumps(got))
-
-
-# -- the check against a plain torch forward (parent, first round) ----------------------------------
-
-
-def reference(spec: dict[str, Any]) -> tuple[np.ndarray, dict[int, np.ndarray]]:
-    """The first batch's ids and every block's output (float16, rows x d) via forward hooks.
-
-    Key ``-1`` holds the final norm's output (``ln_f`` of the last block's), which is what HF's
-    last ``hidden_states`` entry is.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch.set_num_threads(spec["threads"])
-    model = AutoModelForCausalLM.from_pretrained(spec["model"]).eval()
-    ids = np.load(spec["ids"])[: spec["batch"]]
-    acts: dict[int, np.ndarray] = {}
-
-    def keep(layer: int) -> Any:
-        def hook(_m: Any, _i: Any, out: Any) -> None:
-            o = out[0] if isinstance(out, tuple) else out
-            acts[layer] = o.to(torch.float16).reshape(-1, o.shape[-1]).numpy().copy()
-
-        return hook
-
-    handles = [b.register_forward_hook(keep(i)) for i, b in enumerate(model.transformer.h)]
-    handles.append(model.transformer.ln_f.register_forward_hook(keep(-1)))
-    with torch.inference_mode():
-        model.transformer(torch.from_numpy(ids))
-    for h in handles:
-        h.remove()
-    return ids, acts
-
-
-def captured(
-    name: str, got: dict[str, Any], work: Path, spec: dict[str, Any]
-) -> dict[int, np.ndarray]:
-    """The first batch's stored activations of a contender, per layer (rows x d)."""
-    rows = spec["batch"] * spec["seq"]
-    if name in ("hf_hidden", "nnsight", "tlens"):
-        out = Path(got["out_dir"])
-        return {layer: np.load(out / f"L{layer}_b0.npy") for layer in range(spec["layers"])}
-    if name == "saelens":
-        from datasets import load_from_disk
-
-        res = {}
-        for layer, d in got["out_dirs"].items():
-            ds = load_from_disk(d).with_format("numpy")
-            res[int(layer)] = np.asarray(ds[: spec["batch"]][f"transformer.h.{layer}"]).reshape(
-                rows, -1
-            )
-        return res
-    if name in ("cli", "run_job", "layers03"):
-        import actstore
-
-        st = actstore.open(work / "store")
-        layers = range(4) if name == "layers03" else range(spec["layers"])
-        return {
-            layer: st.acts(RUN, f"blocks.{layer}.hook_resid_post", rows=np.arange(rows)).numpy()
-            for layer in layers
-        }
-    return {}
-
-
-def stored_ids(
-    name: str, got: dict[str, Any], work: Path, spec: dict[str, Any]
-) -> np.ndarray | None:
-    rows = spec["batch"] * spec["seq"]
-    if name == "saelens":
-        from datasets import load_from_disk
-
-        d = next(iter(got["out_dirs"].values()))
-        return np.asarray(
-            load_from_disk(d).with_format("numpy")[: spec["batch"]]["token_ids"]
-        ).reshape(-1)
-    if name in ("cli", "run_job", "layers03"):
-        import actstore
-
-        st = actstore.open(work / "store")
-        t = st.sql(
-            'SELECT "row", prompt_idx, position, token_id FROM tokens '
-            'WHERE run_id = (SELECT run_id FROM runs WHERE name = ?) AND "row" < ? ORDER BY "row"',
-            [RUN, rows],
-        ).fetchall()
-        t_np = np.array(t, dtype=np.int64).reshape(-1, 4)
-        if not np.array_equal(t_np[:, 0], t_np[:, 1] * spec["seq"] + t_np[:, 2]):
-            raise RuntimeError(f"{name}: stored rows are not prompt-major")
-        return t_np[:, 3]
-    return None
-
-
-def _layers(n: int) -> str:
-    return f"{n} layer" if n == 1 else f"{n} layers"
-
-
-def check(
-    name: str,
-    got: dict[str, Any],
-    work: Path,
-    spec: dict[str, Any],
-    ref: tuple[np.ndarray, dict[int, np.ndarray]],
-) -> str:
-    """``bit-identical``, ``close (max |diff| ...)`` or ``MISMATCH ...`` against the torch hooks."""
-    ref_ids, ref_acts = ref
-    ids = stored_ids(name, got, work, spec)
-    notes = []
-    if ids is not None and not np.array_equal(ids, ref_ids.reshape(-1)):
-        notes.append("token ids differ")
-    acts = captured(name, got, work, spec)
-    if not acts:
-        return "n/a (no capture)"
-    worst, bad = 0.0, []
-    for layer, a in acts.items():
-        r = ref_acts[layer]
-        if a.shape != r.shape:
-            bad.append(f"layer {layer} shape {a.shape}")
-            continue
-        diff = float(np.max(np.abs(a.astype(np.float32) - r.astype(np.float32))))
-        if diff > 1e-2 * float(np.max(np.abs(r.astype(np.float32)))):
-            if layer == spec["layers"] - 1 and np.array_equal(a, ref_acts[-1]):
-                bad.append(f"layer {layer}, which is ln_f(resid_post) (HF's last hidden state)")
-            else:
-                bad.append(f"layer {layer} (max |diff| {diff:.3g})")
-            continue
-        worst = max(worst, diff)
-    if bad:
-        good = len(acts) - len(bad)
-        same = "bit-identical" if worst == 0.0 else f"within max |diff| {worst:.2g}"
-        notes.append(f"MISMATCH at {', '.join(bad)}; {_layers(good)} {same}")
-    elif worst == 0.0:
-        notes.append(f"bit-identical ({_layers(len(acts))})")
-    else:
-        notes.append(f"close, max |diff| {worst:.2g} ({_layers(len(acts))})")
-    return "; ".join(notes)
 
 
 # -- the run ------------------------------------------------------------------------------------------
@@ -772,11 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="default results/peers.json (quick: peers_quick.json)",
     )
-    ap.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.child is not None:
-        child_main(args.child)
-        return 0
     n = args.prompts or (16 if args.quick else 64)
     rounds = args.rounds or (1 if args.quick else 3)
     counts = [
