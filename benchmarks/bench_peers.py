@@ -318,8 +318,9 @@ def markdown(res: dict[str, Any]) -> str:
     if "layers03" in res["contenders"]:
         lines.append(
             f"\nactstore layers 0-3 / bare full forward (LM head), median paired ratio: "
-            f"{res['contenders']['layers03']['loop_over_bare_full']:.2f}x\n"
+            f"{res['contenders']['layers03']['loop_over_bare_full']:.2f}x"
         )
+    lines.append("")
     lines.append(
         "| `run_job` prompts | rows | peak RSS MiB | capture s | store bytes / value | array bytes / value |"
     )
@@ -391,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=None, help="default 3 (quick 1)")
     ap.add_argument(
-        "--rss-prompts", default=None, help="comma-separated (default 64,256,1024; quick 16,48)"
+        "--rss-prompts", default=None, help="comma-separated (default 64,256,768; quick 16,48)"
     )
     ap.add_argument("--saelens-hooks", choices=["last", "all"], default="last")
     ap.add_argument(
@@ -408,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     n = args.prompts or (16 if args.quick else 64)
     rounds = args.rounds or (1 if args.quick else 3)
     counts = [
-        int(x) for x in (args.rss_prompts or ("16,48" if args.quick else "64,256,1024")).split(",")
+        int(x) for x in (args.rss_prompts or ("16,48" if args.quick else "64,256,768")).split(",")
     ]
     names = list(CONTENDERS)
     if args.only:
