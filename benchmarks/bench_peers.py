@@ -26,7 +26,8 @@ of the same token ids (``--prompts`` x ``--seq``, the first a BOS, no padding), 
 * ``actstore layers 0-3``: ``run_job`` capturing only ``blocks.0-3.hook_resid_post``.
 
 Every contender runs in a fresh Python process (``peers_contenders.py``; so no allocator
-setting, cache or import is shared), and the contenders alternate: round ``r`` starts at contender ``r`` mod n. Per contender:
+setting, cache or import is shared), and the contenders alternate: round ``r`` starts at
+contender ``r`` mod n. Per contender:
 
 * ``loop s``: the capture itself, from the model loaded to the last byte written (for actstore
   the run's own time: prompt set, run record, forward passes, writes, commit);
@@ -35,8 +36,8 @@ setting, cache or import is shared), and the contenders alternate: round ``r`` s
 
 Ratios are the median over rounds of (contender / bare body in the same round). In the first
 round each contender's output is checked against a plain torch forward with forward hooks on the
-same batch (``peers_check.py``: bit-identical or the max difference), and actstore's stored token ids against the
-ids given. Then peak RSS of ``run_job`` against prompt count (``--rss-prompts``).
+same batch (``peers_check.py``: bit-identical or the max difference), and actstore's stored
+token ids against the ids given. Then peak RSS of ``run_job`` against prompt count (``--rss-prompts``).
 
 Usage: ``python benchmarks/bench_peers.py`` (about 5-8 minutes on 2 quiet cores), or
 ``--quick`` for a smoke run (16 prompts, one round; writes ``results/peers_quick.*``).
