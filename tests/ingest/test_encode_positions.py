@@ -10,6 +10,7 @@ chosen commits.
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import shutil
@@ -83,11 +84,10 @@ def _features(st: actstore.Store, sae: str) -> tuple[np.ndarray, np.ndarray, np.
     return f["row"], f["feature"], f["value"]
 
 
-def test_subset_features_equal_sae_encode_of_exactly_the_selected_rows(
-    tmp_path, pristine, sae_dir
-):
+def test_subset_features_equal_sae_encode_of_exactly_the_selected_rows(tmp_path, pristine, sae_dir):
     st = _fresh(pristine, tmp_path / "s")
-    res = encode(st, str(sae_dir), positions=LAST3, part_rows=8)  # no 1-row part (gemv rounds otherwise)
+    # 8 rows a part: no 1-row part, which torch multiplies by gemv, rounding otherwise
+    res = encode(st, str(sae_dir), positions=LAST3, part_rows=8)
     want_rows = _selected(st, lambda t: t["pos_from_end"].to_numpy() >= -3)
     n = st.array_info(RUN, HOOK)["n_rows"]
     assert 0 < want_rows.size < n
@@ -109,12 +109,14 @@ def test_subset_features_equal_sae_encode_of_exactly_the_selected_rows(
     # the parts tile [0, n) and the catalog records the selection
     ff = st.sql("SELECT first_row, n_rows FROM feature_files ORDER BY first_row").fetchall()
     assert ff[0][0] == 0 and sum(k for _, k in ff) == n
-    assert all(a + k == b for (a, k), (b, _) in zip(ff, ff[1:], strict=False))
+    assert all(a + k == b for (a, k), (b, _) in itertools.pairwise(ff))
     sel = st.sql("SELECT positions, n_rows, rows_sha256 FROM feature_selections").fetchall()
     assert sel == [(LAST3, want_rows.size, rows_sha256(want_rows))]
     from tests.demo.test_format_doc import _documented_columns
 
-    cols = {c for (c,) in st.sql("SELECT column_name FROM (DESCRIBE feature_selections)").fetchall()}
+    cols = {
+        c for (c,) in st.sql("SELECT column_name FROM (DESCRIBE feature_selections)").fetchall()
+    }
     assert cols == _documented_columns()["feature_selections"]
 
 
@@ -200,7 +202,9 @@ def test_bad_predicate_is_refused_before_anything_is_written(
     with pytest.raises(InputError, match=match):
         encode(st, str(sae_dir), positions=positions)
     assert _snapshot(root) == before
-    r = CliRunner().invoke(main, ["encode", str(root), "--sae", str(sae_dir), "--positions", positions])
+    r = CliRunner().invoke(
+        main, ["encode", str(root), "--sae", str(sae_dir), "--positions", positions]
+    )
     assert r.exit_code == 1 and r.output.startswith("Error: ") and r.output.count("\n") == 1
     assert _snapshot(root) == before
 
