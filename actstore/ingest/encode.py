@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from actstore.errors import HookNotFoundError, InputError
+from actstore.ingest import encode_subset as _subset
 from actstore.ingest.saes import LoadedSAE, SAESpec, encode_sparse, load_sae
 from actstore.store import access as _access
 from actstore.store import arrays as _arrays
@@ -392,7 +393,9 @@ def encode(
     todo = []
     for rid, run_name, info in plan:
         done = _covered(store, rid, sid) if sid is not None else 0
-        sel = _selection(store, loaded.name, sid, rid, run_name, info, positions, expr, done)
+        sel = _subset.selection_for(
+            store, loaded.name, sid, rid, run_name, info, positions, expr, done
+        )
         todo.append((rid, run_name, info, done, sel))
     results: list[EncodeResult] = []
     if all(done >= int(info["n_rows"]) for _, _, info, done, _ in todo) and sid is not None:
@@ -441,7 +444,7 @@ def _encode_run(
     if start >= n:
         return _result(run_name, loaded.name, sae_id, info, 0, 0, 0, "up-to-date", sel)
     if sel is not None:
-        return _encode_selected(
+        done, parts, nnz = _subset.encode_selected(
             store,
             loaded,
             sae_id,
@@ -453,7 +456,10 @@ def _encode_run(
             block_rows,
             before_commit,
             sel,
+            commit=lambda part, selection: _commit_part(store, part, selection),
         )
+        status = "encoded" if start == 0 else "resumed"
+        return _result(run_name, loaded.name, sae_id, info, done, parts, nnz, status, sel)
     arr = _arrays.open_array(store.location, info["path"], mode="r")
     what = f"{info['path']} (run {run_name!r}, hook {loaded.hook!r})"
     parts = nonzeros = 0
@@ -481,58 +487,6 @@ def _encode_run(
     return _result(run_name, loaded.name, sae_id, info, n - start, parts, nonzeros, status, None)
 
 
-def _encode_selected(
-    store: Store,
-    loaded: LoadedSAE,
-    sae_id: int,
-    run_id: int,
-    run_name: str,
-    info: dict[str, Any],
-    start: int,
-    part_rows: int,
-    block_rows: int | None,
-    before_commit: Callable[[int], None] | None,
-    sel: tuple[_selections.Selection, np.ndarray],
-) -> EncodeResult:
-    """Encode the selected rows from ``start`` on: part k holds selected rows ``[kP, (k+1)P)``.
-
-    Part k covers the run's rows from its first selected row (0 for the first part)
-    to the next part's first selected row (``n_rows`` for the last), so the parts
-    tile ``[0, n_rows)`` and a resume continues exactly where the committed parts end.
-    """
-    selection, rows_S = sel
-    n = int(info["n_rows"])
-    arr = _arrays.open_array(store.location, info["path"], mode="r")
-    what = f"{info['path']} (run {run_name!r}, hook {loaded.hook!r})"
-    first = int(np.searchsorted(rows_S, start))
-    parts = nonzeros = 0
-    for j in range(first, rows_S.size, part_rows):
-        idx = rows_S[j : j + part_rows]
-        a = start if j == first else int(idx[0])
-        b = int(rows_S[j + part_rows]) if j + part_rows < rows_S.size else n
-        x_ND = np.asarray(_access.read_rows(arr, idx, name=what), dtype=np.float32)
-        rows, feats, vals = encode_sparse(loaded, x_ND, block_rows=block_rows)
-        rel, n_bytes, crc = _features.write_part(
-            store.location,
-            run_id=run_id,
-            sae_id=sae_id,
-            first_row=a,
-            rows=idx[rows],
-            features=feats,
-            values=vals,
-        )
-        nnz = int(np.count_nonzero(vals))
-        if before_commit is not None:
-            before_commit(a)
-        part = (run_id, sae_id, rel, a, b - a, nnz, n_bytes, crc)
-        _commit_part(store, part, (run_id, sae_id, selection) if a == 0 else None)
-        parts += 1
-        nonzeros += nnz
-    status = "encoded" if start == 0 else "resumed"
-    done = rows_S.size - first
-    return _result(run_name, loaded.name, sae_id, info, done, parts, nonzeros, status, sel)
-
-
 def _result(
     run: str,
     sae: str,
@@ -557,49 +511,6 @@ def _result(
         None if sel is None else sel[0].positions,
         n if sel is None else sel[0].n_rows,
     )
-
-
-def _selection(
-    store: Store,
-    sae: str,
-    sae_id: int | None,
-    run_id: int,
-    run_name: str,
-    info: dict[str, Any],
-    positions: str | None,
-    expr: str | None,
-    done: int,
-) -> tuple[_selections.Selection, np.ndarray] | None:
-    """The rows to encode in a run (None: all), checked against what the SAE already covers."""
-    new = None
-    if positions is not None and expr is not None:
-        with store.session.connection() as con:
-            rows_S = _selections.select_rows(con, run_id, expr)
-        rows_S = rows_S[rows_S < int(info["n_rows"])]
-        if rows_S.size == 0:
-            raise InputError(
-                f"encode: --positions {positions!r} selects no stored row of run {run_name!r}; "
-                'check it against `actstore sql STORE "SELECT * FROM labeled_tokens LIMIT 5"`'
-            )
-        new = (_selections.Selection.of(positions, rows_S), rows_S)
-    old = _selections.read(store, run_id, sae_id) if sae_id is not None else None
-    fix = (
-        f"encode these rows under another SAE name (--name {sae}_{'all' if new is None else 'sel'})"
-    )
-    if old is not None and (new is None or old.rows_sha256 != new[0].rows_sha256):
-        raise InputError(
-            f"encode: run {run_name!r} already has features of SAE {sae!r} for the "
-            f"{old.n_rows} rows {old.positions!r}; one SAE name holds one row selection per "
-            f"run: {fix}"
-        )
-    if old is None and new is not None and done > 0:
-        raise InputError(
-            f"encode: run {run_name!r} already has features of SAE {sae!r} for every stored "
-            f"row; query them with positions= instead, or {fix}"
-        )
-    if old is not None and new is not None:  # the same rows: keep the recorded text
-        return (old, new[1])
-    return new
 
 
 def _commit_part(
