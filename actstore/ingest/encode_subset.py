@@ -46,7 +46,8 @@ def selection_for(
 
     ``done`` is the rows the SAE's committed parts of the run cover. One SAE name
     holds one row selection per run: another selection, or all rows after a
-    selection (and a selection after all rows), is refused.
+    selection (and a selection after all rows), is refused; the same predicate
+    selecting new rows beyond ``done`` (the run's ingest was resumed since) continues it.
 
     Raises
     ------
@@ -74,6 +75,10 @@ def selection_for(
     fix = (
         f"encode these rows under another SAE name (--name {sae}_{'all' if new is None else 'sel'})"
     )
+    if old is not None and new is not None and old.rows_sha256 != new[0].rows_sha256:
+        head = new[1][new[1] < done]  # the run gained rows since (a resumed ingest)?
+        if head.size == old.n_rows and _selections.rows_sha256(head) == old.rows_sha256:
+            return (_selections.Selection.of(old.positions, new[1]), new[1])
     if old is not None and (new is None or old.rows_sha256 != new[0].rows_sha256):
         raise InputError(
             f"encode: run {run_name!r} already has features of SAE {sae!r} for the "
@@ -111,7 +116,7 @@ def encode_selected(
     to the next part's first selected row (``n_rows`` for the last), so the parts
     tile ``[0, n_rows)`` and a resume continues exactly where the committed parts end.
     ``commit(part, selection)`` lists a written part (recording the selection with
-    the first part).
+    the first part it writes).
 
     Returns
     -------
@@ -148,7 +153,9 @@ def encode_selected(
         if before_commit is not None:
             before_commit(a)
         part = (run_id, sae_id, rel, a, b - a, nnz, n_bytes, crc)
-        commit(part, (run_id, sae_id, selection) if a == 0 else None)
+        # the selection is recorded with the first part this call commits (updated when
+        # the run gained rows since, re-recorded unchanged on a resume)
+        commit(part, (run_id, sae_id, selection) if j == first else None)
         parts += 1
         nonzeros += nnz
     return rows_S.size - first, parts, nonzeros

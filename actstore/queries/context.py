@@ -177,7 +177,7 @@ class Context:
             "ON a.hook = s.hook WHERE a.run_id = ? AND s.sae_id = ?)",
             [rid, sid, rid, sid],
         ).fetchall()[0]
-        sel = selections.verify(self.con, rid, sid, what=self.query)
+        sel = selections.recorded(self.con, rid, sid)
         if stored is not None and int(covered) < int(stored):
             pos = "" if sel is None else f' --positions "{sel.positions}"'
             raise NotFoundError(
@@ -186,7 +186,7 @@ class Context:
                 f"`actstore encode {self.store.root} --sae {sae} --run {run}{pos}`"
             )
         if sel is not None:
-            expr = expression(sel.positions, what=self.query)
+            expr = selections.verify(self.con, rid, sel, what=self.query)
             self._encoded[rid] = (expr, sel, run, sae)
 
     def encoded_subset(self, rid: int) -> str | None:

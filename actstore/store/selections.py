@@ -50,6 +50,7 @@ __all__ = [
     "check_predicate",
     "read",
     "record",
+    "recorded",
     "rows_sha256",
     "select_rows",
     "verify",
@@ -225,10 +226,27 @@ def view_sql(con: duckdb.DuckDBPyConnection) -> str:
     return "SELECT * FROM cat.main.feature_selections" if have else _EMPTY
 
 
-def verify(
-    con: duckdb.DuckDBPyConnection, run_id: int, sae_id: int, *, what: str
-) -> Selection | None:
-    """The recorded selection of (run, SAE) in a session, checked to still select its rows.
+def recorded(con: duckdb.DuckDBPyConnection, run_id: int, sae_id: int) -> Selection | None:
+    """The recorded selection of (run, SAE) in a session (its ``feature_selections`` view).
+
+    Example
+    -------
+    >>> with st.session.connection() as con:  # doctest: +SKIP
+    ...     recorded(con, 2, 1).n_rows
+    48
+    """
+    rows = con.execute(
+        "SELECT positions, n_rows, rows_sha256 FROM feature_selections "
+        "WHERE run_id = ? AND sae_id = ?",
+        [run_id, sae_id],
+    ).fetchall()
+    if not rows:
+        return None
+    return Selection(str(rows[0][0]), int(rows[0][1]), str(rows[0][2]))
+
+
+def verify(con: duckdb.DuckDBPyConnection, run_id: int, sel: Selection, *, what: str) -> str:
+    """The checked SQL of a recorded selection, once it still selects the recorded rows.
 
     Raises
     ------
@@ -238,22 +256,15 @@ def verify(
     Example
     -------
     >>> with st.session.connection() as con:  # doctest: +SKIP
-    ...     verify(con, 2, 1, what="trigger_diff").positions
-    "position_role = 'last'"
+    ...     verify(con, 2, recorded(con, 2, 1), what="trigger_diff")
+    "(\\nposition_role = 'last'\\n)"
     """
-    rows = con.execute(
-        "SELECT positions, n_rows, rows_sha256 FROM feature_selections "
-        "WHERE run_id = ? AND sae_id = ?",
-        [run_id, sae_id],
-    ).fetchall()
-    if not rows:
-        return None
-    sel = Selection(str(rows[0][0]), int(rows[0][1]), str(rows[0][2]))
-    now = select_rows(con, run_id, expression(sel.positions, what=what))
+    expr = expression(sel.positions, what=what)
+    now = select_rows(con, run_id, expr)
     if now.size != sel.n_rows or rows_sha256(now) != sel.rows_sha256:
         raise NotFoundError(
             f"{what}: the encoded rows {sel.positions!r} ({sel.n_rows} at encode time) now "
             f"select {now.size} other rows of run {run_id}; the catalog is inconsistent: "
             "re-encode under another SAE name"
         )
-    return sel
+    return expr

@@ -268,3 +268,39 @@ def test_kill_9_during_a_subset_encode_then_resume_is_bit_identical(tmp_path, pr
     got = q.run_named(st, "feature_density", run=RUN, sae="l1_std").df()
     want = q.run_named(whole, "feature_density", run=RUN, sae="l1_std").df()
     assert got.equals(want)
+
+
+def test_a_run_that_gains_rows_is_refused_until_encoded_again(tmp_path, llama_dir, sae_dir):
+    from actstore.store import writer
+
+    d = job_dict(tmp_path, llama_dir, hooks=[HOOK], batch_size=2, commit_interval=0.0)
+    calls = [0]
+    commit = writer.RunWriter._commit
+
+    def stop_at_third(self, *a, **kw):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt
+        return commit(self, *a, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(writer.RunWriter, "_commit", stop_at_third)
+        with pytest.raises(KeyboardInterrupt):
+            run_job(IngestJob.from_dict(d), quiet=True)
+    st = actstore.open(d["store"])
+    part = st.array_info(RUN, HOOK)["n_rows"]
+    encode(st, str(sae_dir), positions=LAST3)
+    run_job(IngestJob.from_dict(d), quiet=True)  # the ingest resumes: the run gains rows
+    st = actstore.open(d["store"])
+    assert st.array_info(RUN, HOOK)["n_rows"] > part
+    with pytest.raises(NotFoundError, match=r"interrupted\); finish it with .*--positions"):
+        q.run_named(st, "feature_density", run=RUN, sae="l1_std")
+    res = encode(st, str(sae_dir), positions=LAST3)
+    rows = _selected(st, lambda t: t["pos_from_end"].to_numpy() >= -3)
+    assert res[0].status == "resumed" and res[0].n_selected == rows.size
+    got_rows, feats, vals = _features(st, "l1_std")
+    dense = np.zeros((st.array_info(RUN, HOOK)["n_rows"], 48), np.float32)
+    dense[got_rows, feats] = vals
+    np.testing.assert_allclose(dense[rows], _reference(st, sae_dir, rows), rtol=1e-6, atol=1e-6)
+    dens = q.run_named(st, "feature_density", run=RUN, sae="l1_std").df()
+    assert (dens["n_tokens"] == rows.size).all()
