@@ -51,6 +51,7 @@ __all__ = [
     "read",
     "record",
     "recorded",
+    "require_rows",
     "rows_sha256",
     "select_rows",
     "verify",
@@ -268,3 +269,32 @@ def verify(con: duckdb.DuckDBPyConnection, run_id: int, sel: Selection, *, what:
             "re-encode under another SAE name"
         )
     return expr
+
+
+def require_rows(store: Store, run_id: int, sae_id: int, rows: np.ndarray, *, what: str) -> None:
+    """Refuse ``rows`` of a run if some have no features of a positions-restricted encode.
+
+    For analyses that read features of rows they selected themselves: a row that was
+    not encoded has no features, which is not the same as zero features.
+
+    Raises
+    ------
+    InputError
+        Naming the encoded predicate and how to restrict the selection to it.
+
+    Example
+    -------
+    >>> require_rows(st, 2, 1, np.array([5, 11]), what="reward_correlation")  # doctest: +SKIP
+    """
+    sel = read(store, run_id, sae_id)
+    if sel is None:
+        return
+    with store.session.connection() as con:
+        encoded = select_rows(con, run_id, expression(sel.positions, what=what))
+    outside = np.setdiff1d(np.asarray(rows, dtype=np.int64), encoded)
+    if outside.size:
+        raise InputError(
+            f"{what}: {outside.size} of the selected rows of run {run_id} have no features of "
+            f"SAE {sae_id}: it was encoded for the rows {sel.positions!r} only (a row not "
+            f"encoded is not a zero); add `AND ({sel.positions})` to the selection"
+        )

@@ -155,6 +155,13 @@ def test_queries_answer_over_the_encoded_rows_only(tmp_path, pristine, sae_dir):
         q.run_named(st, "top_activations", sae="last3", feature=0, positions="position >= 0")
     top = q.run_named(st, "top_activations", run=RUN, sae="last3", feature=int(X.max(0).argmax()))
     assert set(top.df()["row"]) <= set(rows.tolist())
+    # an analysis reading features of rows it selected itself: the same refusal
+    from actstore.analysis.reward import reward_correlation
+
+    kw = {"run": RUN, "reward": "reward", "sae": "last3", "save": False, "split": None}
+    with pytest.raises(InputError, match=r"reward_correlation: \d+ of the selected rows of run"):
+        reward_correlation(st, **kw)
+    assert reward_correlation(st, where=LAST3, **kw) is not None
     # the SQL macros cannot restrict to the subset: refused, pointing to run_named
     with pytest.raises(InputError, match=r"cover only the rows pos_from_end >= -3"):
         st.sql("SELECT * FROM feature_density('main/pairs', 'last3')").fetchall()
