@@ -76,8 +76,14 @@ def selection_for(
         f"encode these rows under another SAE name (--name {sae}_{'all' if new is None else 'sel'})"
     )
     if old is not None and new is not None and old.rows_sha256 != new[0].rows_sha256:
-        head = new[1][new[1] < done]  # the run gained rows since (a resumed ingest)?
-        if head.size == old.n_rows and _selections.rows_sha256(head) == old.rows_sha256:
+        head = new[1][: old.n_rows]  # the run gained rows since (a resumed ingest)?
+        # the same predicate, the recorded rows a prefix, every new row past the covered ones
+        grown = positions == old.positions and new[1].size > old.n_rows
+        if (
+            grown
+            and int(new[1][old.n_rows]) >= done
+            and (_selections.rows_sha256(head) == old.rows_sha256)
+        ):
             return (_selections.Selection.of(old.positions, new[1]), new[1])
     if old is not None and (new is None or old.rows_sha256 != new[0].rows_sha256):
         raise InputError(
