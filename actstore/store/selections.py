@@ -48,6 +48,7 @@ __all__ = [
     "TABLE",
     "Selection",
     "check_predicate",
+    "has_any",
     "read",
     "record",
     "recorded",
@@ -173,6 +174,20 @@ def _exists(store: Store) -> bool:
         "AND database_name = 'cat'"
     ).to_pylist()[0]["n"]
     return bool(n)
+
+
+def has_any(store: Store) -> bool:
+    """Whether any (run, SAE) of the store has a positions-restricted encode.
+
+    Example
+    -------
+    >>> has_any(st)  # doctest: +SKIP
+    False
+    """
+    if not _exists(store):
+        return False
+    rows = store.catalog.read("SELECT count(*) AS n FROM feature_selections").to_pylist()
+    return bool(rows[0]["n"])
 
 
 def read(store: Store, run_id: int, sae_id: int) -> Selection | None:
