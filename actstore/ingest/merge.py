@@ -55,6 +55,7 @@ from actstore.ingest.shards import Shard
 from actstore.store import arrays as _arrays
 from actstore.store import features as _features
 from actstore.store import objects, part_check
+from actstore.store import selections as _selections
 from actstore.store.location import Location
 from actstore.store.store import Store
 from actstore.store.writer import TOKEN_COLUMNS, RunWriter
@@ -524,6 +525,13 @@ def merge(
                 f"the output store {out_loc} is also one of the shards; merge into another store"
             )
     stores = index_shards([read_shard_store(s) for s in shards])
+    for sh in stores:  # a merge carries feature parts, not the rows a --positions encode chose
+        if _selections.has_any(sh.store):
+            raise InputError(
+                f"shard store {sh.store.root} has positions-restricted encodes "
+                "(feature_selections), which a merge does not carry; merge the shards first, "
+                "then run `actstore encode --positions` on the merged store"
+            )
     names = stores[0].job_runs or sorted({n for s in stores for n in s.runs})
     target = actstore.open(out_loc, create=True)
     summary = MergeSummary(str(target.root), [str(s.store.root) for s in stores])

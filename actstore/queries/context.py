@@ -27,7 +27,7 @@ import duckdb
 
 from actstore.errors import InputError, NotFoundError, RunNotFoundError
 from actstore.queries.cache import feature_cache
-from actstore.store import part_check
+from actstore.store import part_check, selections
 from actstore.store.ids import as_id
 from actstore.store.predicate import expression
 
@@ -89,6 +89,8 @@ class Context:
         self.cache = cache
         self.binds: dict[str, Any] = {}
         self._columns: dict[str, str] | None = None
+        #: run_id -> (checked SQL, selection, run, SAE) of positions-restricted encodes
+        self._encoded: dict[int, tuple[str, selections.Selection, str, str]] = {}
 
     def bind(self, value: Any) -> str:
         """Bind ``value`` as a new parameter; return its placeholder (``$p0``, ``$p1``...).
@@ -144,6 +146,10 @@ class Context:
     def require_features(self, rid: int, sid: int, run: str, sae: str) -> None:
         """Raise unless the run has committed features of the SAE (listing the runs that do).
 
+        Features cover every stored row of the run, or, after a positions-restricted
+        encode, every row of its recorded selection (checked to still select those
+        rows); :meth:`tokens` then restricts the query's tokens to them.
+
         Example
         -------
         >>> ctx.require_features(2, 1, "backdoored/pairs", "sae_l2")  # doctest: +SKIP
@@ -171,12 +177,68 @@ class Context:
             "ON a.hook = s.hook WHERE a.run_id = ? AND s.sae_id = ?)",
             [rid, sid, rid, sid],
         ).fetchall()[0]
+        sel = selections.recorded(self.con, rid, sid)
         if stored is not None and int(covered) < int(stored):
+            pos = "" if sel is None else f' --positions "{sel.positions}"'
             raise NotFoundError(
                 f"{self.query}: run {run!r} has features of SAE {sae!r} for {covered} of its "
                 f"{stored} rows (an encode is in progress or was interrupted); finish it with "
-                f"`actstore encode {self.store.root} --sae {sae} --run {run}`"
+                f"`actstore encode {self.store.root} --sae {sae} --run {run}{pos}`"
             )
+        if sel is not None:
+            expr = selections.verify(self.con, rid, sel, what=self.query)
+            self._encoded[rid] = (expr, sel, run, sae)
+
+    def encoded_subset(self, rid: int) -> str | None:
+        """The recorded predicate of a positions-restricted encode of run ``rid`` (None: all rows).
+
+        Example
+        -------
+        >>> ctx.encoded_subset(2)  # doctest: +SKIP
+        "position_role = 'last'"
+        """
+        got = self._encoded.get(rid)
+        return None if got is None else got[1].positions
+
+    def require_subsets_cover(self, sid: int, pos: str, positions: str) -> None:
+        """Refuse ``positions`` (checked SQL ``pos``) if, in any run, it selects rows SAE
+        ``sid`` was not encoded for (runs with a positions-restricted encode).
+
+        Example
+        -------
+        >>> ctx.require_subsets_cover(1, ctx.predicate("positions", "true"), "true")  # doctest: +SKIP
+        """
+        rows = self.con.execute(
+            "SELECT s.run_id, r.name, x.name FROM feature_selections s JOIN cat.main.runs r "
+            "ON r.run_id = s.run_id JOIN cat.main.saes x ON x.sae_id = s.sae_id "
+            "WHERE s.sae_id = ? ORDER BY s.run_id",
+            [sid],
+        ).fetchall()
+        for rid, run, sae in rows:
+            self.require_features(int(rid), sid, str(run), str(sae))
+            self._inside_encoded(int(rid), pos, positions)
+
+    def _inside_encoded(self, rid: int, pos: str, positions: str | None) -> str:
+        """``pos`` restricted to the encoded rows of ``rid``; refused if it selects others."""
+        got = self._encoded.get(rid)
+        if got is None:
+            return pos
+        enc, sel, run, sae = got
+        if positions is not None:
+            outside = self.con.execute(
+                f'SELECT count(*) FROM labeled_tokens lt WHERE lt.run_id = ? AND lt."row" IS NOT '
+                f"NULL AND ({pos}) AND NOT coalesce(({enc}), false)",
+                [rid],
+            ).fetchall()[0][0]
+            if outside:
+                raise InputError(
+                    f"{self.query}: positions {positions!r} selects {outside} rows of run "
+                    f"{run!r} that have no features of SAE {sae!r}: it was encoded for the rows "
+                    f"{sel.positions!r} only (a row not encoded is not a zero); restrict "
+                    f'positions to them, e.g. "({sel.positions}) AND ({positions})", or encode '
+                    "those rows under another SAE name"
+                )
+        return f"({pos}) AND ({enc})"
 
     def columns(self) -> dict[str, str]:
         """Columns of ``labeled_tokens`` and their SQL types.
@@ -308,12 +370,17 @@ class Context:
         """SQL selecting the stored tokens of run ``rid`` that ``positions`` picks.
 
         Columns ``lt."row"`` and then ``extra`` (SQL over ``labeled_tokens lt``).
+        After a positions-restricted encode of the run (seen by :meth:`require_features`)
+        only its encoded rows are selected, and ``positions`` selecting any other row is
+        refused: a row that was not encoded has no features, not zero features.
 
         Example
         -------
         >>> ctx.tokens(2, "position_role = 'last'", ", lt.prompt_idx")  # doctest: +SKIP
         """
         pos = self.predicate("positions", positions)
+        if rid in self._encoded:  # a positions-restricted encode: its rows only
+            pos = self._inside_encoded(rid, pos, positions)
         return (
             f'SELECT lt."row"{extra} FROM labeled_tokens lt WHERE lt.run_id = {self.bind(rid)} '
             f'AND lt."row" IS NOT NULL AND ({pos})'

@@ -50,9 +50,19 @@ def _id(table: str, key: str, param: str, what: str, nullable: bool = False) -> 
 
 
 def _macro_src(rid: str, sid: str) -> str:
+    # a positions-restricted encode (feature_selections) covers some rows only, and a
+    # macro cannot restrict its query() token selection to them: refused, pointing to
+    # run_named, which does
+    subset = (
+        f"(SELECT CASE WHEN count(*) > 0 THEN error('actstore: the features of this run and "
+        f"SAE cover only the rows ' || any_value(fs.positions) || ' (a positions-restricted "
+        f"encode), which the SQL macros cannot restrict to; use actstore query or "
+        f"actstore.queries.run_named, which answer over those rows') ELSE true END "
+        f"FROM feature_selections fs WHERE fs.run_id = {rid} AND fs.sae_id = {sid})"
+    )
     return (
         f'(SELECT fv."row", fv.feature, fv.value FROM features fv '
-        f"WHERE fv.run_id = {rid} AND fv.sae_id = {sid})"
+        f"WHERE fv.run_id = {rid} AND fv.sae_id = {sid} AND {subset})"
     )
 
 

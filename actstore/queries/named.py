@@ -182,6 +182,7 @@ def _build_top_activations(ctx: Context, v: dict[str, Any]) -> str:
         )
         if v["positions"] is not None:
             pos = ctx.predicate("positions", v["positions"])
+            ctx.require_subsets_cover(sid, pos, v["positions"])
             sel = (
                 f'SELECT lt.run_id, lt."row" FROM labeled_tokens lt '
                 f'WHERE lt."row" IS NOT NULL AND ({pos})'
@@ -236,7 +237,7 @@ def _build_checkpoint_diff(ctx: Context, v: dict[str, Any]) -> str:
 def _build_feature_density(ctx: Context, v: dict[str, Any]) -> str:
     rid, sid, d_sae = ctx.run_sae(v["run"], v["sae"])
     src = ctx.features(rid, sid, d_sae)
-    if v["positions"] is None:
+    if v["positions"] is None and ctx.encoded_subset(rid) is None:
         n = f'SELECT count(*) FROM tokens t WHERE t.run_id = {ctx.bind(rid)} AND t."row" IS NOT NULL'
         return sparse.feature_density(sel=None, src=src, n_tokens=n, d_sae=ctx.bind(d_sae))
     sel = ctx.tokens(rid, v["positions"])

@@ -71,7 +71,7 @@ FEATURE_RELATIONS = frozenset(
     }
 )
 #: Relations that read no feature part.
-_NO_PARTS = frozenset(TABLES) | {"labeled_tokens"}
+_NO_PARTS = frozenset(TABLES) | {"labeled_tokens", "feature_selections"}
 _MENTION = re.compile("|".join(sorted(FEATURE_RELATIONS)) + "|feature", re.IGNORECASE)
 
 

@@ -46,7 +46,7 @@ import duckdb
 import pyarrow as pa
 
 from actstore.errors import CorruptChunkError, InputError
-from actstore.store import part_check
+from actstore.store import part_check, selections
 from actstore.store.catalog import damaged_catalog, query_arrow
 
 if TYPE_CHECKING:
@@ -281,6 +281,8 @@ class Session:
               ON p.prompt_set_id = r.prompt_set_id AND p.prompt_idx = t.prompt_idx"""
         )
         con.execute(f"CREATE OR REPLACE VIEW labeled_generations AS {_labeled_generations(con)}")
+        # the rows positions-restricted encodes cover (empty when the table does not exist yet)
+        con.execute(f"CREATE OR REPLACE VIEW feature_selections AS {selections.view_sql(con)}")
         if not self._extended:
             for ext in _EXTENSIONS:
                 ext(con, self.store)

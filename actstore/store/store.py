@@ -501,12 +501,14 @@ class Store:
         hook: str | None = None,
         device: str = "cpu",
         part_rows: int | None = None,
+        positions: str | None = None,
     ) -> list[Any]:
         """Encode stored rows with an SAE into the runs' feature parts (no model is loaded).
 
         ``sae`` is a sae_lens directory, a pretrained ``release/sae_id`` or an SAE in the
-        catalog; ``runs`` default to every run storing its hook. Resumable and idempotent:
-        see :func:`actstore.ingest.encode.encode`, which this calls.
+        catalog; ``runs`` default to every run storing its hook; ``positions`` (a SQL
+        predicate over ``labeled_tokens``) restricts it to the rows it selects. Resumable
+        and idempotent: see :func:`actstore.ingest.encode.encode`, which this calls.
 
         Example
         -------
@@ -516,7 +518,16 @@ class Store:
         from actstore.ingest.encode import encode  # the store does not depend on ingest
 
         return list(
-            encode(self, sae, runs, name=name, hook=hook, device=device, part_rows=part_rows)
+            encode(
+                self,
+                sae,
+                runs,
+                name=name,
+                hook=hook,
+                device=device,
+                part_rows=part_rows,
+                positions=positions,
+            )
         )
 
     @contextmanager

@@ -320,3 +320,14 @@ def test_hook_statistics_of_the_merge_equal_one_ingest(sharded):
             np.testing.assert_allclose(b[h].mean_D, a[h].mean_D, rtol=1e-6, atol=1e-12)
             np.testing.assert_allclose(b[h].m2_D, a[h].m2_D, rtol=1e-6)
             assert b[h].norm_sum == pytest.approx(a[h].norm_sum, rel=1e-6)
+
+
+def test_a_shard_with_a_positions_restricted_encode_is_refused(sharded, tmp_path):
+    s0, s1, s2 = sharded["shards"]
+    copy = shutil.copytree(s1, tmp_path / "encoded-1")
+    actstore.open(copy).encode(
+        str(sharded["root"] / "sae"), name="sub", positions="pos_from_end = -1"
+    )
+    with pytest.raises(InputError, match=r"encoded-1 has positions-restricted encodes"):
+        merge(tmp_path / "out", [s0, copy, s2])
+    assert not (tmp_path / "out").exists()
