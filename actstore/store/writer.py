@@ -85,6 +85,7 @@ class _Pending:
     generations: pa.Table | None
     scores: pa.Table | None
     stats: dict[str, _hookstats.HookStats] = field(default_factory=dict)
+    other: dict[str, pa.Table] = field(default_factory=dict)
 
 
 @dataclass
@@ -249,6 +250,7 @@ class RunWriter:
         features: Mapping[int, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
         generations: pa.Table | Mapping[str, Any] | None = None,
         scores: pa.Table | Mapping[str, Any] | None = None,
+        other: Mapping[str, pa.Table] | None = None,
     ) -> None:
         """Queue one batch; it is committed by a later flush (automatic) or :meth:`close`.
 
@@ -265,6 +267,9 @@ class RunWriter:
             SAE id -> (batch-local rows, feature ids, values) of nonzeros.
         generations, scores
             Rows for the ``generations`` and ``scores`` tables (without ``run_id``).
+        other
+            Table name -> whole rows for other catalog tables (which must exist),
+            inserted by column name in the batch's commit (e.g. ``token_diffs``).
 
         Example
         -------
@@ -307,6 +312,7 @@ class RunWriter:
                 generations=_as_table(generations, "generations"),
                 scores=_as_table(scores, "scores"),
                 stats=stats,
+                other=dict(other or {}),
             )
         )
         self.next_batch += 1
@@ -460,6 +466,12 @@ class RunWriter:
                     con.register("_t", t)
                     cols = ", ".join(["run_id", *t.column_names])
                     con.execute(f"INSERT INTO {table} ({cols}) SELECT {self.run_id}, * FROM _t")
+                    con.unregister("_t")
+            for b in batches:  # other tables' rows that go with the batch
+                for table, t in b.other.items():
+                    con.register("_t", t)
+                    cols = ", ".join(f'"{c}"' for c in t.column_names)
+                    con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _t")
                     con.unregister("_t")
             con.execute("UPDATE arrays SET n_rows = ? WHERE run_id = ?", [end_row, self.run_id])
             _hookstats.commit(con, self.run_id, _hookstats.merged([b.stats for b in batches]))
