@@ -249,6 +249,18 @@ def _ours(params: dict[str, Any], run_a: str, run_b: str) -> bool:
     )
 
 
+def taken(store: Store, name: str, run_a: str, run_b: str) -> bool:
+    """Whether a token diff named ``name`` is stored that is not the capture diff of these runs.
+
+    Example
+    -------
+    >>> taken(st, "base/pairs_vs_bd/pairs", "base/pairs", "bd/pairs")  # doctest: +SKIP
+    False
+    """
+    hits = _parsed(store.sql(_EXISTING, [name, KIND]).fetchall())
+    return any(not _ours(p, run_a, run_b) for _, p in hits)
+
+
 def check_store(store: Store, specs: Sequence[TokenDiffSpec], prompt_sets: Sequence[str]) -> None:
     """Refuse a diff whose name is taken by another analysis (before anything is written).
 
@@ -259,8 +271,7 @@ def check_store(store: Store, specs: Sequence[TokenDiffSpec], prompt_sets: Seque
     for s in specs:
         for ps in prompt_sets:
             name = s.analysis_name(ps, len(prompt_sets))
-            hits = _parsed(store.sql(_EXISTING, [name, KIND]).fetchall())
-            if any(not _ours(p, f"{s.a}/{ps}", f"{s.b}/{ps}") for _, p in hits):
+            if taken(store, name, f"{s.a}/{ps}", f"{s.b}/{ps}"):
                 raise InputError(
                     f"a token diff named {name!r} is already stored and was not made by this "
                     "job's capture; set another name = in [[token_diffs]]"
@@ -314,22 +325,107 @@ class RunDiffs:
         -------
         >>> diffs.finish()  # doctest: +SKIP
         """
-        from actstore.store.writer import bump_commit_seq
+        write_summaries(self.store, [aid for aid, _, _ in self.diffs])
 
-        with self.store.catalog.write() as con:
-            for aid, _, _ in self.diffs:
-                summary = summary_sql(con, aid)
-                prov = json.loads(
-                    con.execute(
-                        "SELECT provenance FROM analyses WHERE analysis_id = ?", [aid]
-                    ).fetchall()[0][0]
-                )
-                prov["n_rows"] = summary["n_tokens"]
+
+def write_summaries(store: Store, analysis_ids: Sequence[int]) -> None:
+    """Write the summaries (``analyses.result``, ``n_rows``) of diffs whose rows are all stored.
+
+    Example
+    -------
+    >>> write_summaries(st, [3])  # doctest: +SKIP
+    """
+    from actstore.store.writer import bump_commit_seq
+
+    with store.catalog.write() as con:
+        for aid in analysis_ids:
+            summary = summary_sql(con, aid)
+            prov = json.loads(
                 con.execute(
-                    "UPDATE analyses SET result = ?, provenance = ? WHERE analysis_id = ?",
-                    [_json(summary), _json(prov), aid],
-                )
-            bump_commit_seq(con)
+                    "SELECT provenance FROM analyses WHERE analysis_id = ?", [aid]
+                ).fetchall()[0][0]
+            )
+            prov["n_rows"] = summary["n_tokens"]
+            con.execute(
+                "UPDATE analyses SET result = ?, provenance = ? WHERE analysis_id = ?",
+                [_json(summary), _json(prov), aid],
+            )
+        bump_commit_seq(con)
+
+
+def capture_diffs(store: Store, run_b: str) -> list[tuple[int, str, dict[str, Any]]]:
+    """(analysis id, name, params) of the diffs that run ``run_b``'s capture pass made.
+
+    Example
+    -------
+    >>> capture_diffs(st, "backdoored/pairs")  # doctest: +SKIP
+    [(1, 'base/pairs_vs_backdoored/pairs', {...})]
+    """
+    has = store.sql(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'token_diffs'"
+    ).fetchall()[0][0]
+    if not has:
+        return []
+    rows = store.sql(
+        "SELECT analysis_id, name, params FROM analyses WHERE kind = ? ORDER BY analysis_id",
+        [KIND],
+    ).fetchall()
+    out = [(int(r[0]), str(r[1]), json.loads(r[2] or "{}")) for r in rows]
+    return [(a, n, p) for a, n, p in out if p.get("computed") == "capture" and p["run_b"] == run_b]
+
+
+def record_analysis(
+    store: Store,
+    name: str,
+    runs: tuple[tuple[str, int], tuple[str, int]],
+    *,
+    prompt_set: str,
+    completion: bool,
+) -> int:
+    """The ``analyses`` row of a capture-pass diff: found (a resumed run) or made; its id.
+
+    Example
+    -------
+    >>> record_analysis(st, "a_vs_b", (("base/p", 1), ("bd/p", 2)), prompt_set="p", completion=False)  # doctest: +SKIP
+    3
+    """
+    from actstore.ingest.models import library_versions
+    from actstore.store.writer import bump_commit_seq
+
+    (run_a, rid_a), (run_b, rid_b) = runs
+    with store.catalog.write() as con:
+        con.execute(TABLE_DDL)
+        for aid, params in _parsed(con.execute(_EXISTING, [name, KIND]).fetchall()):
+            if _ours(params, run_a, run_b):  # a resumed run: its committed rows stay
+                return aid
+        nxt = con.execute("SELECT coalesce(max(analysis_id), 0) + 1 FROM analyses")
+        aid = int(nxt.fetchall()[0][0])
+        seq = con.execute("SELECT value FROM meta WHERE key = 'commit_seq'").fetchall()
+        params = {
+            "run_a": run_a,
+            "run_b": run_b,
+            "where": None,
+            "completion": completion,
+            "computed": "capture",
+        }
+        prov = {
+            "runs": {run_a: rid_a, run_b: rid_b},
+            "run_ids": sorted({rid_a, rid_b}),
+            "where": None,
+            "sql_params": None,
+            "n_rows": 0,
+            "store": str(store.root),
+            "commit_seq": int(seq[0][0]) if seq else None,
+            "versions": library_versions(),
+            "prompt_set": prompt_set,
+        }
+        empty = {"n_prompts": 0, "n_tokens": 0, "mean_kl": None, "max_kl": None}
+        con.execute(
+            "INSERT INTO analyses VALUES (?, ?, ?, ?, ?, ?, now())",
+            [aid, name, KIND, _json(params), _json(empty), _json(prov)],
+        )
+        bump_commit_seq(con)
+    return aid
 
 
 @dataclass
@@ -369,8 +465,12 @@ class TokenDiffs:
                     "store; ingest it first (list its checkpoint before b's)"
                 )
             rid_a, cid_a = int(hit[0][0]), int(hit[0][1])
-            aid = self._analysis(
-                store, s.analysis_name(pset, len(job.prompts)), run_a, rid_a, run_b, run_id, ps
+            aid = record_analysis(
+                store,
+                s.analysis_name(pset, len(job.prompts)),
+                ((run_a, rid_a), (run_b, run_id)),
+                prompt_set=pset,
+                completion="completion" in job.capture.positions,
             )
             diffs.append((aid, rid_a, self._model(store, s.a, cid_a)))
         return RunDiffs(store, run_id, pset_id, diffs)
@@ -400,51 +500,3 @@ class TokenDiffs:
                 ).model
             self.models[label] = model
         return self.models[label]
-
-    def _analysis(
-        self,
-        store: Store,
-        name: str,
-        run_a: str,
-        rid_a: int,
-        run_b: str,
-        rid_b: int,
-        ps: PromptSet,
-    ) -> int:
-        from actstore.ingest.models import library_versions
-        from actstore.store.writer import bump_commit_seq
-
-        completion = "completion" in self.plan.job.capture.positions
-        with store.catalog.write() as con:
-            con.execute(TABLE_DDL)
-            for aid, params in _parsed(con.execute(_EXISTING, [name, KIND]).fetchall()):
-                if _ours(params, run_a, run_b):  # a resumed run: its committed rows stay
-                    return aid
-            nxt = con.execute("SELECT coalesce(max(analysis_id), 0) + 1 FROM analyses")
-            aid = int(nxt.fetchall()[0][0])
-            seq = con.execute("SELECT value FROM meta WHERE key = 'commit_seq'").fetchall()
-            params = {
-                "run_a": run_a,
-                "run_b": run_b,
-                "where": None,
-                "completion": completion,
-                "computed": "capture",
-            }
-            prov = {
-                "runs": {run_a: rid_a, run_b: rid_b},
-                "run_ids": sorted({rid_a, rid_b}),
-                "where": None,
-                "sql_params": None,
-                "n_rows": 0,
-                "store": str(store.root),
-                "commit_seq": int(seq[0][0]) if seq else None,
-                "versions": library_versions(),
-                "prompt_set": ps.spec.name,
-            }
-            empty = {"n_prompts": 0, "n_tokens": 0, "mean_kl": None, "max_kl": None}
-            con.execute(
-                "INSERT INTO analyses VALUES (?, ?, ?, ?, ?, ?, now())",
-                [aid, name, KIND, _json(params), _json(empty), _json(prov)],
-            )
-            bump_commit_seq(con)
-        return aid
