@@ -165,3 +165,12 @@ def test_bad_token_diffs_are_refused(tmp_path_factory):
     with pytest.raises(InputError, match="already stored and was not made by this job"):
         run_job(IngestJob.from_dict(base), quiet=True)
     assert _digest(Path(base["store"])) == before
+
+
+def test_module_docstring_examples():
+    import doctest
+
+    from actstore.ingest import token_kl
+
+    result = doctest.testmod(token_kl, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
