@@ -37,39 +37,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
-import torch
 
 from actstore.diffing.models import batches, log_probs, run_model
 from actstore.errors import InputError
+from actstore.ingest.token_kl import KIND, SCHEMA, TABLE_DDL, diff_rows, next_token_diff
 
 if TYPE_CHECKING:
     from actstore.store.result import Result
     from actstore.store.store import Store
 
-TABLE_DDL = """CREATE TABLE IF NOT EXISTS token_diffs (
-    analysis_id INTEGER, run_id_a INTEGER, run_id_b INTEGER, prompt_set_id INTEGER,
-    prompt_idx INTEGER, position INTEGER, token_id INTEGER, next_token_id INTEGER,
-    is_completion BOOLEAN, kl DOUBLE, logp_a DOUBLE, logp_b DOUBLE, dlogp DOUBLE,
-    argmax_a INTEGER, argmax_b INTEGER)"""
-"""The catalog table of per-token diffs (created by the first :func:`token_diff`)."""
-
-KIND = "token_diff"
-
-_SCHEMA = pa.schema(
-    [
-        ("prompt_idx", pa.int32()),
-        ("position", pa.int32()),
-        ("token_id", pa.int32()),
-        ("next_token_id", pa.int32()),
-        ("is_completion", pa.bool_()),
-        ("kl", pa.float64()),
-        ("logp_a", pa.float64()),
-        ("logp_b", pa.float64()),
-        ("dlogp", pa.float64()),
-        ("argmax_a", pa.int32()),
-        ("argmax_b", pa.int32()),
-    ]
-)
+__all__ = ["KIND", "TABLE_DDL", "TokenDiff", "load_token_diff", "token_diff"]
 
 
 @dataclass(frozen=True)
@@ -252,35 +229,13 @@ def token_diff(
     cache: dict[int, Any] = {}
     rm_a = run_model(store, rid_a, device=device, dtype=dtype, cache=cache)
     rm_b = run_model(store, rid_b, device=device, dtype=dtype, cache=cache)
-    cols: dict[str, list[Any]] = {f.name: [] for f in _SCHEMA}
+    parts = []
     for sl, ctx in batches(ids, n_prompt, chosen, batch_size, device):
-        lp_a_BSV, lp_b_BSV = log_probs(rm_a, ctx), log_probs(rm_b, ctx)
-        kl_BS = (lp_b_BSV.exp() * (lp_b_BSV - lp_a_BSV)).sum(-1)
-        nxt_BS = torch.zeros_like(ctx.input_ids)
-        nxt_BS[:, :-1] = ctx.input_ids[:, 1:]
-        lpa_BS = lp_a_BSV.gather(-1, nxt_BS[..., None])[..., 0]
-        lpb_BS = lp_b_BSV.gather(-1, nxt_BS[..., None])[..., 0]
-        am_a, am_b = lp_a_BSV.argmax(-1), lp_b_BSV.argmax(-1)
-        for b, seq in enumerate(ids[sl]):
-            n, n_p = len(seq), n_prompt[sl.start + b]
-            for t in range(n):
-                last = t == n - 1
-                cols["prompt_idx"].append(chosen[sl.start + b])
-                cols["position"].append(t)
-                cols["token_id"].append(seq[t])
-                cols["next_token_id"].append(None if last else seq[t + 1])
-                cols["is_completion"].append(t >= n_p)
-                cols["kl"].append(max(float(kl_BS[b, t]), 0.0))  # rounding can go below 0
-                la = None if last else float(lpa_BS[b, t])
-                lb = None if last else float(lpb_BS[b, t])
-                cols["logp_a"].append(la)
-                cols["logp_b"].append(lb)
-                cols["dlogp"].append(None if la is None or lb is None else lb - la)
-                cols["argmax_a"].append(int(am_a[b, t]))
-                cols["argmax_b"].append(int(am_b[b, t]))
+        diff = next_token_diff(log_probs(rm_a, ctx), log_probs(rm_b, ctx), ctx.input_ids)
+        parts.append(diff_rows(diff, ids[sl], [0] * len(ids[sl]), n_prompt[sl], chosen[sl]))
     del cache, rm_a, rm_b
-    table = pa.table(cols, schema=_SCHEMA)
-    kls = [k for k in cols["kl"] if math.isfinite(k)]
+    table = pa.concat_tables(parts) if parts else SCHEMA.empty_table()
+    kls = [k for k in table.column("kl").to_pylist() if math.isfinite(k)]
     summary = {
         "n_prompts": len(chosen),
         "n_tokens": table.num_rows,

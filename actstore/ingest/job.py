@@ -58,6 +58,7 @@ from actstore.ingest.generate import GenerateSpec
 from actstore.ingest.logit_metrics import MetricSpec
 from actstore.ingest.saes import SAESpec
 from actstore.ingest.scorers import ScorerSpec
+from actstore.ingest.token_kl import TokenDiffSpec, check_specs
 from actstore.spec import from_dict, load_toml, to_dict
 
 MODEL_DTYPES = ("float32", "float16", "bfloat16")
@@ -185,6 +186,8 @@ class IngestJob:
     scorers: tuple[ScorerSpec, ...] = ()
     metrics: tuple[MetricSpec, ...] = ()
     """Logit metrics computed in the capture's forward pass (:mod:`actstore.ingest.logit_metrics`)."""
+    token_diffs: tuple[TokenDiffSpec, ...] = ()
+    """Per-token KL diffs computed in the capture pass of ``b`` (:mod:`actstore.ingest.token_kl`)."""
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -201,6 +204,7 @@ class IngestJob:
             if dup:
                 raise SpecError(f"duplicate {kind}s {sorted(dup)}; each must be unique")
         check_recipes(self.checkpoints, self.model.quantization)
+        check_specs(self.token_diffs, checkpoint_labels(self.checkpoints))
         for c in self.checkpoints:
             if not (c.path or self.model.path or c.derived):
                 raise SpecError(f"checkpoint {c.label!r} has no path and model.path is empty")

@@ -50,8 +50,10 @@ import pyarrow.compute as pc
 
 import actstore
 from actstore.errors import InputError
+from actstore.ingest.merge_tables import batch_rows, check_diffs, copy_derived, diff_maps
 from actstore.ingest.shard_stores import ShardRun, ShardStore, index_shards, read_shard_store
 from actstore.ingest.shards import Shard
+from actstore.ingest.token_kl import write_summaries
 from actstore.store import arrays as _arrays
 from actstore.store import features as _features
 from actstore.store import objects, part_check
@@ -179,6 +181,7 @@ def _ensure_run(out: Store, parts: Sequence[ShardRun], all_stores: Sequence[Shar
         revision=ck["revision"],
         weights_hash=ck["weights_hash"],
     )
+    copy_derived(st, out, int(ck["checkpoint_id"]), cid)  # a checkpoint built from a recipe
     ps = _one(st, "SELECT * FROM prompt_sets WHERE prompt_set_id = ?", [run["prompt_set_id"]])
     pid = objects.add_prompt_set(
         out,
@@ -294,7 +297,11 @@ def _split_sorted(keys: np.ndarray, lo: int, hi: int) -> slice:
 
 
 def _copy_block(
-    w: RunWriter, part: ShardRun, block: Sequence[dict[str, Any]], sae_map: dict[int, int]
+    w: RunWriter,
+    part: ShardRun,
+    block: Sequence[dict[str, Any]],
+    sae_map: dict[int, int],
+    diffs: Sequence[Any] = (),
 ) -> None:
     """Append consecutive committed batches of one shard to the merged run's writer."""
     st, rid = part.store, int(part.run["run_id"])
@@ -382,6 +389,7 @@ def _copy_block(
             attention=None
             if att_r is None
             else _rebase(att, _split_sorted(att_r, f0, f0 + nr), f0),
+            other=batch_rows(part, diffs, q0, q1),
         )
 
 
@@ -430,6 +438,7 @@ def _merge_run(
         rows = _rows(out, rid)
         return MergedRun(name, "already complete", 0, k, k, rows)
     maps = {id(p): _sae_map(out, p) for p in present}
+    dmaps = {id(p): diff_maps(out, p, rid) for p in present}  # token diffs of the capture
     widths = out.catalog.read("SELECT d, dtype FROM arrays WHERE run_id = ?", [rid]).to_pylist()
     row_bytes = max(1, sum(int(a["d"]) * _arrays.STORE_DTYPES[a["dtype"]].itemsize for a in widths))
     added = 0
@@ -448,7 +457,7 @@ def _merge_run(
                     break
                 block.append(b)
                 n_rows += int(b["n_rows"])
-            _copy_block(w, part, block, maps[id(part)])
+            _copy_block(w, part, block, maps[id(part)], dmaps[id(part)])
             g += len(block)
             added += len(block)
     pending = []
@@ -462,6 +471,7 @@ def _merge_run(
                 + f", run `actstore ingest JOB --shard {i}/{count}` to finish it"
             )
     if g == k and not pending:
+        write_summaries(out, sorted({m.analysis_id for ms in dmaps.values() for m in ms}))
         objects.finish_run(out, rid)
         return MergedRun(name, "complete", added, g, k, _rows(out, rid))
     return MergedRun(name, "partial", added, g, k, _rows(out, rid), pending)
@@ -534,6 +544,7 @@ def merge(
             )
     names = stores[0].job_runs or sorted({n for s in stores for n in s.runs})
     target = actstore.open(out_loc, create=True)
+    check_diffs(target, stores)
     summary = MergeSummary(str(target.root), [str(s.store.root) for s in stores])
     for name in names:
         summary.runs.append(_merge_run(target, name, stores, block_bytes))

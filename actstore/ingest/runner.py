@@ -58,6 +58,7 @@ from actstore.ingest.saes import encode_sparse
 from actstore.ingest.scorers import load_scorer, score_generations
 from actstore.ingest.shards import Shard, job_run_names, shard_batches
 from actstore.ingest.summary import IngestSummary, RunSummary
+from actstore.ingest.token_kl import TokenDiffs, check_store
 from actstore.store import objects
 from actstore.store.writer import fix_mmap_threshold
 
@@ -135,6 +136,8 @@ def _job_hash(p: Plan, weights: str, ps: PromptSet, edit: EditContext | None) ->
     metrics = _metrics(p, edit)
     if metrics:  # only then, so runs made before metrics existed keep their hash
         body["metrics"] = [m.to_dict() for m in metrics]
+    if p.job.token_diffs:  # likewise: rows made with the batches
+        body["token_diffs"] = [dataclasses.asdict(t) for t in p.job.token_diffs]
     if edit is not None and edit.prompts is not None:
         body["prompts_kept"] = edit.prompts(ps.table)
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:32]
@@ -190,6 +193,7 @@ def _ingest_run(
     quiet: bool,
     edit: EditContext | None,
     shard: Shard | None = None,
+    diffs: TokenDiffs | None = None,
 ) -> RunSummary:
     job, cap = p.job, p.job.capture
     name = f"{ck.label}/{ps.spec.name}" + (f"+{edit.name}" if edit else "")
@@ -301,6 +305,7 @@ def _ingest_run(
         )
         for s in p.saes
     }
+    td = diffs.for_run(st, ck.label, ps, rid, edit is not None) if diffs else None
     writer = st.writer(rid, commit_interval=cap.commit_interval)
     start = writer.next_batch
     resumed = start > 0
@@ -376,13 +381,16 @@ def _ingest_run(
                 torch.inference_mode(),
                 edit.intervention(ck.model, ctx) if edit else nullcontext(),
             ):
-                if metrics:  # the whole forward pass: its logits give the metrics
+                other = None
+                if metrics or td:  # the whole forward pass: its logits give metrics, diffs
                     with capture(ck.model, p.hooks) as hooked:
                         logits = ck.model(
                             input_ids=ids, attention_mask=mask, position_ids=pos
                         ).logits
                     acts = {h: hooked[h] for h in p.hooks}
-                    scores_t = _with_metrics(scores_t, metrics, tok, batch, ps, logits, offs)
+                    if metrics:
+                        scores_t = _with_metrics(scores_t, metrics, tok, batch, ps, logits, offs)
+                    other = td.batch(ids, mask, pos, offs.tolist(), batch, logits) if td else None
                 else:
                     acts = run_capture(
                         ck.model, p.hooks, input_ids=ids, attention_mask=mask, position_ids=pos
@@ -403,12 +411,15 @@ def _ingest_run(
                     "generations": gens_t,
                     "scores": scores_t,
                     "attention": attention,
+                    "other": other,
                 }
             )
             done = sum(len(tp.ids) for tp in batch)
             n_tokens += done
             bar.update(done)
         bg.close()
+        if td:  # every row committed: the diffs' summaries
+            td.finish()
     except BaseException:
         bar.close()
         bg.abort()
@@ -518,6 +529,7 @@ def run_job(
     check()
     with st.holding_write_lock():  # for the whole job: no other writer between its runs
         check()  # again, now that nothing can change under us
+        check_store(st, job.token_diffs, [ps.spec.name for ps in p.prompt_sets])
         if edit is not None and not isinstance(edit, EditContext | list):
             edit = edit(st)  # records the edit: only once the job is known to be good
         return _run_all(st, p, job, model_name, weights, edit, sh, quiet, t0)
@@ -558,6 +570,7 @@ def _run_all(
         config=p.config.to_dict(),
     )
     summary = IngestSummary(str(st.root), notes=[n for ps in p.prompt_sets for n in ps.notes])
+    diffs = TokenDiffs(p) if job.token_diffs else None
     for c in job.checkpoints:
         if c.derived:
             recipe = c.interpolate or c.task_vector
@@ -572,7 +585,7 @@ def _run_all(
                 dk.on_build = record_derived(st, cid, dk)
                 for e in edit if isinstance(edit, list) else [edit]:
                     for ps in p.prompt_sets:
-                        summary.runs.append(_ingest_run(st, p, dk, ps, cid, quiet, e, sh))
+                        summary.runs.append(_ingest_run(st, p, dk, ps, cid, quiet, e, sh, diffs))
                 del dk
             continue
         path, rev = p.checkpoint_paths[c.label]
@@ -596,7 +609,7 @@ def _run_all(
         )
         for e in edit if isinstance(edit, list) else [edit]:  # a sweep: one load, k runs
             for ps in p.prompt_sets:
-                summary.runs.append(_ingest_run(st, p, ck, ps, cid, quiet, e, sh))
+                summary.runs.append(_ingest_run(st, p, ck, ps, cid, quiet, e, sh, diffs))
         del ck
     summary.seconds = time.monotonic() - t0
     return summary

@@ -86,6 +86,7 @@ class _Pending:
     scores: pa.Table | None
     attention: pa.Table | None = None
     stats: dict[str, _hookstats.HookStats] = field(default_factory=dict)
+    other: dict[str, pa.Table] = field(default_factory=dict)
 
 
 @dataclass
@@ -251,6 +252,7 @@ class RunWriter:
         generations: pa.Table | Mapping[str, Any] | None = None,
         scores: pa.Table | Mapping[str, Any] | None = None,
         attention: pa.Table | None = None,
+        other: Mapping[str, pa.Table] | None = None,
     ) -> None:
         """Queue one batch; it is committed by a later flush (automatic) or :meth:`close`.
 
@@ -270,6 +272,9 @@ class RunWriter:
         attention
             Kept attention-pattern entries (``actstore.ingest.heads.attention_rows``)
             with batch-local ``row``, for the ``attention`` table (made by the first commit).
+        other
+            Table name -> whole rows for other catalog tables (which must exist),
+            inserted by column name in the batch's commit (e.g. ``token_diffs``).
 
         Example
         -------
@@ -313,6 +318,7 @@ class RunWriter:
                 scores=_as_table(scores, "scores"),
                 attention=attention if attention is not None and attention.num_rows else None,
                 stats=stats,
+                other=dict(other or {}),
             )
         )
         self.next_batch += 1
@@ -476,6 +482,12 @@ class RunWriter:
                 con.register("_t", t)
                 con.execute(f"INSERT INTO attention SELECT {self.run_id}, * FROM _t")
                 con.unregister("_t")
+            for b in batches:  # other tables' rows that go with the batch
+                for table, t in b.other.items():
+                    con.register("_t", t)
+                    cols = ", ".join(f'"{c}"' for c in t.column_names)
+                    con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _t")
+                    con.unregister("_t")
             con.execute("UPDATE arrays SET n_rows = ? WHERE run_id = ?", [end_row, self.run_id])
             _hookstats.commit(con, self.run_id, _hookstats.merged([b.stats for b in batches]))
             bump_commit_seq(con)

