@@ -40,11 +40,18 @@ import torch
 import actstore
 from actstore.ingest import positions as _pos
 from actstore.ingest.batches import BackgroundWriter, pad_batch, token_table
+from actstore.ingest.capture_pass import (
+    forward_batch,
+    needs_logits,
+    prefill_capture,
+    rides_on_generation,
+    stored_mask,
+)
 from actstore.ingest.derived import checkpoint_labels, derived_checkpoint
 from actstore.ingest.derived import expand as expand_recipe
 from actstore.ingest.derived import record as record_derived
 from actstore.ingest.generate import generate, generations_table
-from actstore.ingest.hooks import capture, run_capture
+from actstore.ingest.hooks import run_capture
 from actstore.ingest.job import IngestJob
 from actstore.ingest.models import (
     library_versions,
@@ -78,6 +85,21 @@ class BatchContext:
     """``generate`` or ``capture``."""
     tokenizer: Any = None
     """The tokenizer, for edit positions that match text (``after:TEXT``, ``span:TEXT``)."""
+
+
+def _context(
+    batch: list[Any], ids: Any, mask: Any, pos: Any, offs: Any, phase: str, tok: Any
+) -> BatchContext:
+    return BatchContext(
+        [tp.prompt_idx for tp in batch],
+        ids,
+        mask,
+        pos,
+        [tp.n_prompt for tp in batch],
+        offs.tolist(),
+        phase,
+        tok,
+    )
 
 
 Intervention = Callable[[Any, BatchContext], AbstractContextManager[Any]]
@@ -303,6 +325,7 @@ def _ingest_run(
     store_dtype = TORCH_STORE[cap.store_dtype]
     batches = list(shard_batches(n_prompts=n_prompts, batch_size=cap.batch_size, shard=shard))
     todo_batches = batches[start:]
+    ride = rides_on_generation(job)
     todo = sum(len(tp.ids) for _, lo, hi in todo_batches for tp in ps.tokenized[lo:hi])
     bar = _progress(todo, name, quiet)
     n_tokens = 0
@@ -312,6 +335,8 @@ def _ingest_run(
             for tp in batch:
                 tp.completion_ids = []
             gens_t = scores_t = None
+            want_logits = needs_logits(metrics)
+            ridden = None
             if job.generate is not None:
                 ids, mask, pos, offs = pad_batch(
                     [dataclasses.replace(tp, completion_ids=[]) for tp in batch],
@@ -319,17 +344,13 @@ def _ingest_run(
                     "left",
                     p.device,
                 )
-                ctx = BatchContext(
-                    [tp.prompt_idx for tp in batch],
-                    ids,
-                    mask,
-                    pos,
-                    [tp.n_prompt for tp in batch],
-                    offs.tolist(),
-                    "generate",
-                    tok,
-                )
-                with edit.intervention(ck.model, ctx) if edit else nullcontext():
+                ctx = _context(batch, ids, mask, pos, offs, "generate", tok)
+                with (
+                    edit.intervention(ck.model, ctx) if edit else nullcontext(),
+                    prefill_capture(ck.model, p.hooks, logits=want_logits)
+                    if ride
+                    else nullcontext() as pre,
+                ):
                     gens = generate(
                         ck.model,
                         tok,
@@ -339,6 +360,8 @@ def _ingest_run(
                         device=p.device,
                         prompt_idx=[tp.prompt_idx for tp in batch],
                     )
+                if pre is not None:  # the prompt pass of generation was the capture pass
+                    ridden = pre.take(len(batch), int(ids.shape[1]))
                 gens_t = generations_table(gens)
                 if scorers:
                     scores_t = score_generations(
@@ -351,35 +374,25 @@ def _ingest_run(
                             : max(0, cap.max_length - tp.n_prompt)
                         ]
             sels = [_pos.select(tp, p.policies, tok) for tp in batch]
-            ids, mask, pos, offs = pad_batch(batch, tok.pad_token_id, cap.padding_side, p.device)
-            stored = torch.zeros_like(mask, dtype=torch.bool)
-            for i, (sel, off) in enumerate(zip(sels, offs.tolist(), strict=True)):
-                stored[i, off : off + len(sel.stored)] = torch.tensor(sel.stored)
-            ctx = BatchContext(
-                [tp.prompt_idx for tp in batch],
-                ids,
-                mask,
-                pos,
-                [tp.n_prompt for tp in batch],
-                offs.tolist(),
-                "capture",
-                tok,
-            )
+            if ridden is None:
+                ids, mask, pos, offs = pad_batch(
+                    batch, tok.pad_token_id, cap.padding_side, p.device
+                )
+            stored = stored_mask(sels, offs, mask)
+            ctx = _context(batch, ids, mask, pos, offs, "capture", tok)
             with (
                 torch.inference_mode(),
-                edit.intervention(ck.model, ctx) if edit else nullcontext(),
+                edit.intervention(ck.model, ctx) if edit and ridden is None else nullcontext(),
             ):
-                if metrics:  # the whole forward pass: its logits give the metrics
-                    with capture(ck.model, p.hooks) as hooked:
-                        logits = ck.model(
-                            input_ids=ids, attention_mask=mask, position_ids=pos
-                        ).logits
-                    acts = {h: hooked[h] for h in p.hooks}
+                acts, logits = ridden or forward_batch(
+                    ck.model,
+                    p.hooks,
+                    {"input_ids": ids, "attention_mask": mask, "position_ids": pos},
+                    logits=want_logits,
+                )
+                if want_logits:  # the whole forward pass: its logits give the metrics
+                    assert logits is not None
                     scores_t = _with_metrics(scores_t, metrics, tok, batch, ps, logits, offs)
-                else:
-                    acts = run_capture(
-                        ck.model, p.hooks, input_ids=ids, attention_mask=mask, position_ids=pos
-                    )
                 rows_ND = {h: a[stored] for h, a in acts.items()}
                 features = {}
                 for s in p.saes:
