@@ -62,10 +62,11 @@ from actstore.ingest.hooks import adapter_for, capture, run_capture
 __all__ = [
     "Prefill",
     "forward_batch",
+    "host_arrays",
     "needs_logits",
     "prefill_capture",
     "rides_on_generation",
-    "stored_mask",
+    "stored_rows",
 ]
 
 
@@ -252,26 +253,84 @@ def forward_batch(
     return {h: hooked[h] for h in hooks}, logits_BSV
 
 
-def stored_mask(sels: Sequence[Any], offs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Which cells of a padded batch are stored: ``stored_BS``, on the batch's device.
+def stored_rows(
+    acts: dict[str, torch.Tensor], sels: Sequence[Any], offs: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Each hook's stored rows ``acts_ND``, in batch then position order.
+
+    When every cell of the padded batch is stored (``all`` positions, no padding)
+    the rows are a view of the activations, not a copy: the cast to the store
+    dtype (:func:`host_arrays`) is then the only copy.
 
     Parameters
     ----------
+    acts
+        Hook name -> ``acts_BSD`` of the batch.
     sels
         Each prompt's :class:`~actstore.ingest.positions.Selection`.
     offs
         Column of each prompt's first token.
-    mask
-        The batch's attention mask (for its shape and device).
 
     Example
     -------
     >>> from actstore.ingest.positions import Selection
     >>> sel = Selection([False, True], ["prompt", "last"], [False, False])
-    >>> stored_mask([sel], torch.tensor([1]), torch.ones(1, 3)).tolist()
-    [[False, False, True]]
+    >>> stored_rows({"h": torch.arange(3.0).reshape(1, 3, 1)}, [sel], torch.tensor([1]))["h"]
+    tensor([[2.]])
     """
-    stored_BS = torch.zeros(tuple(mask.shape), dtype=torch.bool)
+    if not acts:
+        return {}
+    first = next(iter(acts.values()))
+    n_b, n_s = int(first.shape[0]), int(first.shape[1])
+    stored_BS = torch.zeros((n_b, n_s), dtype=torch.bool)
     for i, (sel, off) in enumerate(zip(sels, offs.tolist(), strict=True)):
-        stored_BS[i, off : off + len(sel.stored)] = torch.tensor(sel.stored)
-    return stored_BS.to(mask.device)
+        stored_BS[i, off : off + len(sel.stored)] = torch.tensor(sel.stored, dtype=torch.bool)
+    if bool(stored_BS.all()):
+        return {h: a.reshape(n_b * n_s, a.shape[-1]) for h, a in acts.items()}
+    stored_BS = stored_BS.to(first.device)
+    return {h: a[stored_BS] for h, a in acts.items()}
+
+
+def host_arrays(
+    rows_ND: dict[str, torch.Tensor], store_dtype: torch.dtype
+) -> tuple[dict[str, torch.Tensor], Any]:
+    """Cast the rows to the store dtype (one copy; none when already so) and bring them to the host.
+
+    On CUDA the device-to-host copies go into pinned host buffers, non-blocking,
+    on a side stream that waits for the batch's work on the current stream; the
+    source tensors are marked as used by that stream (so the allocator does not
+    reuse them before the copy is done), and the returned event is what the
+    writer thread waits for before reading the buffers. The model's stream never
+    waits for the host, and the next batch's kernels overlap the copy. (This path
+    is not exercised by the test suite, which runs on CPU.) On the CPU the
+    arrays are returned as they are and the event is None.
+
+    Example
+    -------
+    >>> arrays, ready = host_arrays({"h": torch.ones(2, 3)}, torch.float16)
+    >>> arrays["h"].dtype, ready
+    (torch.float16, None)
+    """
+    arrays = {h: r.to(store_dtype) for h, r in rows_ND.items()}
+    first = next(iter(arrays.values()), None)
+    if first is None or first.device.type != "cuda":
+        return arrays, None
+    device = first.device
+    side = _SIDE_STREAMS.get(device)
+    if side is None:
+        side = _SIDE_STREAMS[device] = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    host: dict[str, torch.Tensor] = {}
+    with torch.cuda.stream(side):
+        for h, t in arrays.items():
+            buf = torch.empty(tuple(t.shape), dtype=t.dtype, device="cpu", pin_memory=True)
+            buf.copy_(t, non_blocking=True)
+            t.record_stream(side)
+            host[h] = buf
+        ready = torch.cuda.Event()
+        ready.record(side)
+    return host, ready
+
+
+_SIDE_STREAMS: dict[torch.device, Any] = {}
+"""One copy stream per CUDA device."""

@@ -39,13 +39,14 @@ import torch
 
 import actstore
 from actstore.ingest import positions as _pos
-from actstore.ingest.batches import BackgroundWriter, pad_batch, token_table
+from actstore.ingest.batches import BackgroundWriter, pad_batch, progress_bar, token_table
 from actstore.ingest.capture_pass import (
     forward_batch,
+    host_arrays,
     needs_logits,
     prefill_capture,
     rides_on_generation,
-    stored_mask,
+    stored_rows,
 )
 from actstore.ingest.derived import checkpoint_labels, derived_checkpoint
 from actstore.ingest.derived import expand as expand_recipe
@@ -157,21 +158,6 @@ def _job_hash(p: Plan, weights: str, ps: PromptSet, edit: EditContext | None) ->
     if edit is not None and edit.prompts is not None:
         body["prompts_kept"] = edit.prompts(ps.table)
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:32]
-
-
-def _progress(total: int, desc: str, quiet: bool) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=total,
-        desc=desc,
-        unit="tok",
-        unit_scale=True,
-        disable=quiet,
-        leave=False,
-        file=sys.stderr,
-        dynamic_ncols=True,
-    )
 
 
 def _with_metrics(
@@ -327,7 +313,7 @@ def _ingest_run(
     todo_batches = batches[start:]
     ride = rides_on_generation(job)
     todo = sum(len(tp.ids) for _, lo, hi in todo_batches for tp in ps.tokenized[lo:hi])
-    bar = _progress(todo, name, quiet)
+    bar = progress_bar(todo, name, quiet)
     n_tokens = 0
     try:
         for _b, lo, hi in todo_batches:
@@ -378,7 +364,6 @@ def _ingest_run(
                 ids, mask, pos, offs = pad_batch(
                     batch, tok.pad_token_id, cap.padding_side, p.device
                 )
-            stored = stored_mask(sels, offs, mask)
             ctx = _context(batch, ids, mask, pos, offs, "capture", tok)
             with (
                 torch.inference_mode(),
@@ -393,11 +378,11 @@ def _ingest_run(
                 if want_logits:  # the whole forward pass: its logits give the metrics
                     assert logits is not None
                     scores_t = _with_metrics(scores_t, metrics, tok, batch, ps, logits, offs)
-                rows_ND = {h: a[stored] for h, a in acts.items()}
+                rows_ND = stored_rows(acts, sels, offs)
                 features = {}
                 for s in p.saes:
                     features[sae_ids[s.name]] = encode_sparse(s.sae, rows_ND[s.hook].float())
-                arrays = {h: r.to(store_dtype) for h, r in rows_ND.items()}
+                arrays, ready = host_arrays(rows_ND, store_dtype)
             bg.put(
                 {
                     "arrays": arrays,
@@ -407,7 +392,8 @@ def _ingest_run(
                     "features": features,
                     "generations": gens_t,
                     "scores": scores_t,
-                }
+                },
+                ready,
             )
             done = sum(len(tp.ids) for tp in batch)
             n_tokens += done

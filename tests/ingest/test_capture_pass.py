@@ -354,3 +354,32 @@ def test_an_edited_generating_run_rides_too(tmp_path, llama_dir, monkeypatch) ->
         plain = run_capture(model, [hooks[1]], input_ids=torch.tensor([tp.ids]))[hooks[1]][0]
     edited = one.acts("main/p+half", hooks[1], where="prompt_idx = 0").numpy()
     assert not np.allclose(edited, plain.numpy(), atol=1e-3)  # the edit did act
+
+
+# --- the capture path: one copy between the hook and the writer ----------------------
+
+
+def test_stored_rows_are_a_view_when_every_cell_is_stored() -> None:
+    from actstore.ingest.capture_pass import host_arrays, stored_rows
+
+    tok, tps = tiny_tokenizer(), _tokenized()
+    acts_BSD = torch.randn(3, 14, 4)
+    every = [
+        _pos.select(dataclasses_replace(tp, 14), _pos.parse_positions("all"), tok) for tp in tps
+    ]
+    rows = stored_rows({"h": acts_BSD}, every, torch.zeros(3, dtype=torch.long))["h"]
+    assert rows.data_ptr() == acts_BSD.data_ptr() and torch.equal(rows, acts_BSD.reshape(42, 4))
+    sels = [_pos.select(tp, _pos.parse_positions(["last", "offset:-2"]), tok) for tp in tps]
+    _, mask, _, offs = pad_batch(tps, tok.pad_token_id, "left", "cpu")
+    acts_BSD = torch.randn(*mask.shape, 4)
+    rows = stored_rows({"h": acts_BSD}, sels, offs)["h"]
+    want = torch.cat([acts_BSD[b, mask.shape[1] - 2 :] for b in range(3)])  # left-padded: the end
+    assert torch.equal(rows, want)
+    arrays, ready = host_arrays({"h": rows}, torch.float16)
+    assert ready is None and torch.equal(arrays["h"], want.to(torch.float16))
+
+
+def dataclasses_replace(tp: _pos.TokenizedPrompt, n: int) -> _pos.TokenizedPrompt:
+    """``tp`` cut or padded with token 4 to ``n`` tokens (so a batch needs no padding)."""
+    ids = (tp.ids + [4] * n)[:n]
+    return _pos.TokenizedPrompt(tp.prompt_idx, tp.text, ids, None)
