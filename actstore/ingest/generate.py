@@ -26,6 +26,7 @@ Example
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -273,6 +274,35 @@ def _model_device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
+def _padded_positions(model: Any) -> Any:
+    """Make ``model.generate`` count positions from the attention mask (real tokens only).
+
+    transformers 5 passes no ``position_ids`` to the forward passes of ``generate``,
+    so a left-padded prompt's tokens sit at positions shifted by its padding (for
+    GPT-2's absolute positions a different input, for rotary ones a different
+    rounding). This forward pre-hook gives every pass the positions that
+    :func:`~actstore.ingest.batches.pad_batch` gives the capture pass (pads at 0),
+    so completions do not depend on the batch and the prompt pass of generation
+    computes exactly the capture pass's activations. Returns the hook's handle, or
+    None where the model takes no ``position_ids``.
+    """
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    if "position_ids" not in params:
+        return None
+
+    def add_positions(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        mask, ids = kwargs.get("attention_mask"), kwargs.get("input_ids")
+        if kwargs.get("position_ids") is not None or mask is None or ids is None or args:
+            return None
+        pos_BS = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
+        return args, {**kwargs, "position_ids": pos_BS}
+
+    return model.register_forward_pre_hook(add_positions, with_kwargs=True)
+
+
 def generate(
     model: Any,
     tokenizer: Any,
@@ -348,6 +378,7 @@ def generate(
     was_training = model.training
     model.eval()
     out: list[Generation] = []
+    positions = _padded_positions(model)
     try:
         for start in range(0, n, batch_size):
             batch = list(prompts[start : start + batch_size])
@@ -388,6 +419,8 @@ def generate(
                     )
                 )
     finally:
+        if positions is not None:
+            positions.remove()
         model.train(was_training)
     return out
 

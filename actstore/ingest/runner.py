@@ -40,12 +40,21 @@ import torch
 import actstore
 from actstore.ingest import heads as _heads
 from actstore.ingest import positions as _pos
-from actstore.ingest.batches import BackgroundWriter, pad_batch, token_table
+from actstore.ingest.batches import BackgroundWriter, pad_batch, progress_bar, token_table
+from actstore.ingest.capture_pass import (
+    forward_batch,
+    host_arrays,
+    needs_logits,
+    prefill_capture,
+    rides_on_generation,
+    stored_mask,
+    stored_rows,
+)
 from actstore.ingest.derived import checkpoint_labels, derived_checkpoint
 from actstore.ingest.derived import expand as expand_recipe
 from actstore.ingest.derived import record as record_derived
 from actstore.ingest.generate import generate, generations_table
-from actstore.ingest.hooks import capture, run_capture
+from actstore.ingest.hooks import run_capture
 from actstore.ingest.job import IngestJob
 from actstore.ingest.models import (
     library_versions,
@@ -80,6 +89,21 @@ class BatchContext:
     """``generate`` or ``capture``."""
     tokenizer: Any = None
     """The tokenizer, for edit positions that match text (``after:TEXT``, ``span:TEXT``)."""
+
+
+def _context(
+    batch: list[Any], ids: Any, mask: Any, pos: Any, offs: Any, phase: str, tok: Any
+) -> BatchContext:
+    return BatchContext(
+        [tp.prompt_idx for tp in batch],
+        ids,
+        mask,
+        pos,
+        [tp.n_prompt for tp in batch],
+        offs.tolist(),
+        phase,
+        tok,
+    )
 
 
 Intervention = Callable[[Any, BatchContext], AbstractContextManager[Any]]
@@ -141,21 +165,6 @@ def _job_hash(p: Plan, weights: str, ps: PromptSet, edit: EditContext | None) ->
     if edit is not None and edit.prompts is not None:
         body["prompts_kept"] = edit.prompts(ps.table)
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:32]
-
-
-def _progress(total: int, desc: str, quiet: bool) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=total,
-        desc=desc,
-        unit="tok",
-        unit_scale=True,
-        disable=quiet,
-        leave=False,
-        file=sys.stderr,
-        dynamic_ncols=True,
-    )
 
 
 def _with_metrics(
@@ -315,8 +324,9 @@ def _ingest_run(
     store_dtype = TORCH_STORE[cap.store_dtype]
     batches = list(shard_batches(n_prompts=n_prompts, batch_size=cap.batch_size, shard=shard))
     todo_batches = batches[start:]
+    ride = rides_on_generation(job)
     todo = sum(len(tp.ids) for _, lo, hi in todo_batches for tp in ps.tokenized[lo:hi])
-    bar = _progress(todo, name, quiet)
+    bar = progress_bar(todo, name, quiet)
     n_tokens = 0
     try:
         for _b, lo, hi in todo_batches:
@@ -324,6 +334,8 @@ def _ingest_run(
             for tp in batch:
                 tp.completion_ids = []
             gens_t = scores_t = None
+            want_logits = needs_logits(metrics, td is not None)
+            ridden = None
             if job.generate is not None:
                 ids, mask, pos, offs = pad_batch(
                     [dataclasses.replace(tp, completion_ids=[]) for tp in batch],
@@ -331,17 +343,13 @@ def _ingest_run(
                     "left",
                     p.device,
                 )
-                ctx = BatchContext(
-                    [tp.prompt_idx for tp in batch],
-                    ids,
-                    mask,
-                    pos,
-                    [tp.n_prompt for tp in batch],
-                    offs.tolist(),
-                    "generate",
-                    tok,
-                )
-                with edit.intervention(ck.model, ctx) if edit else nullcontext():
+                ctx = _context(batch, ids, mask, pos, offs, "generate", tok)
+                with (
+                    edit.intervention(ck.model, ctx) if edit else nullcontext(),
+                    prefill_capture(ck.model, p.hooks, logits=want_logits)
+                    if ride
+                    else nullcontext() as pre,
+                ):
                     gens = generate(
                         ck.model,
                         tok,
@@ -351,6 +359,8 @@ def _ingest_run(
                         device=p.device,
                         prompt_idx=[tp.prompt_idx for tp in batch],
                     )
+                if pre is not None:  # the prompt pass of generation was the capture pass
+                    ridden = pre.take(len(batch), int(ids.shape[1]))
                 gens_t = generations_table(gens)
                 if scorers:
                     scores_t = score_generations(
@@ -363,44 +373,37 @@ def _ingest_run(
                             : max(0, cap.max_length - tp.n_prompt)
                         ]
             sels = [_pos.select(tp, p.policies, tok) for tp in batch]
-            ids, mask, pos, offs = pad_batch(batch, tok.pad_token_id, cap.padding_side, p.device)
-            stored = torch.zeros_like(mask, dtype=torch.bool)
-            for i, (sel, off) in enumerate(zip(sels, offs.tolist(), strict=True)):
-                stored[i, off : off + len(sel.stored)] = torch.tensor(sel.stored)
-            ctx = BatchContext(
-                [tp.prompt_idx for tp in batch],
-                ids,
-                mask,
-                pos,
-                [tp.n_prompt for tp in batch],
-                offs.tolist(),
-                "capture",
-                tok,
-            )
+            if ridden is None:
+                ids, mask, pos, offs = pad_batch(
+                    batch, tok.pad_token_id, cap.padding_side, p.device
+                )
+            ctx = _context(batch, ids, mask, pos, offs, "capture", tok)
             with (
                 torch.inference_mode(),
-                edit.intervention(ck.model, ctx) if edit else nullcontext(),
+                edit.intervention(ck.model, ctx) if edit and ridden is None else nullcontext(),
             ):
+                acts, logits = ridden or forward_batch(
+                    ck.model,
+                    p.hooks,
+                    {"input_ids": ids, "attention_mask": mask, "position_ids": pos},
+                    logits=want_logits,
+                )
                 other = None
-                if metrics or td:  # the whole forward pass: its logits give metrics, diffs
-                    with capture(ck.model, p.hooks) as hooked:
-                        logits = ck.model(
-                            input_ids=ids, attention_mask=mask, position_ids=pos
-                        ).logits
-                    acts = {h: hooked[h] for h in p.hooks}
+                if want_logits:  # the whole forward pass: its logits give metrics, diffs
+                    assert logits is not None
                     if metrics:
                         scores_t = _with_metrics(scores_t, metrics, tok, batch, ps, logits, offs)
                     other = td.batch(ids, mask, pos, offs.tolist(), batch, logits) if td else None
+                if len(dense) < len(p.hooks):
+                    stored = stored_mask(sels, offs, int(ids.shape[0]), int(ids.shape[1]))
+                    attention = _heads.attention_rows(acts, stored, offs.tolist(), att_keep)
                 else:
-                    acts = run_capture(
-                        ck.model, p.hooks, input_ids=ids, attention_mask=mask, position_ids=pos
-                    )
-                attention = _heads.attention_rows(acts, stored, offs.tolist(), att_keep)
-                rows_ND = {h: acts[h][stored] for h in dense}
+                    attention = None
+                rows_ND = stored_rows({h: acts[h] for h in dense}, sels, offs)
                 features = {}
                 for s in p.saes:
                     features[sae_ids[s.name]] = encode_sparse(s.sae, rows_ND[s.hook].float())
-                arrays = {h: r.to(store_dtype) for h, r in rows_ND.items()}
+                arrays, ready = host_arrays(rows_ND, store_dtype)
             bg.put(
                 {
                     "arrays": arrays,
@@ -412,7 +415,8 @@ def _ingest_run(
                     "scores": scores_t,
                     "attention": attention,
                     "other": other,
-                }
+                },
+                ready,
             )
             done = sum(len(tp.ids) for tp in batch)
             n_tokens += done
