@@ -39,12 +39,13 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 
 from actstore.errors import HookNotFoundError, RunNotFoundError
 from actstore.store import arrays as _arrays
-from actstore.store.catalog import query_arrow
+from actstore.store.catalog import damaged_catalog, query_arrow
 from actstore.store.ids import as_id
 from actstore.store.predicate import predicate_or_true
 
@@ -83,6 +84,7 @@ class ReadCache:
         self._runs: list[dict[str, Any]] = []
         self._arrays: dict[tuple[int, str], dict[str, Any]] = {}
         self._opened: dict[str, Any] = {}
+        self._con: duckdb.DuckDBPyConnection | None = None
 
     def _file_stamp(self) -> Stamp | None:
         loc = self._store.location
@@ -104,23 +106,46 @@ class ReadCache:
         stamp = self._file_stamp()
         if stamp is not None and stamp == self._stamp:
             return
-        session = self._store.session
-        with session.connection() as con:
-            got = con.execute("SELECT value FROM cat.main.meta WHERE key = 'commit_seq'").fetchall()
-            seq = int(got[0][0]) if got else -1
-            if seq != self._seq:
-                runs = query_arrow(con, "SELECT run_id, name FROM cat.main.runs ORDER BY run_id")
-                arrs = query_arrow(
-                    con, "SELECT * FROM cat.main.arrays ORDER BY layer NULLS LAST, hook"
-                )
-                self._runs = runs.to_pylist()
-                self._arrays = {(int(a["run_id"]), str(a["hook"])): a for a in arrs.to_pylist()}
-                self._opened = {}
-                self._seq = seq
+        if self._con is None:  # its own connection: no views or macros to build
+            self._con = duckdb.connect()
+        con = self._con
+        try:
+            with self._store.catalog.attached(con):
+                self._load(con)
+        except duckdb.Error as e:
+            bad = damaged_catalog(self._store.catalog.path, e)
+            if bad is None:
+                raise
+            raise bad from None
         settled = stamp is not None and all(
             s is None or time.time_ns() - s[2] > SETTLED_S * 1e9 for s in stamp
         )
         self._stamp = stamp if settled else None
+
+    def _load(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Read ``commit_seq`` from the attached catalog; on a change, the tables too."""
+        got = con.execute("SELECT value FROM cat.main.meta WHERE key = 'commit_seq'").fetchall()
+        seq = int(got[0][0]) if got else -1
+        if seq == self._seq:
+            return
+        runs = query_arrow(con, "SELECT run_id, name FROM cat.main.runs ORDER BY run_id")
+        arrs = query_arrow(con, "SELECT * FROM cat.main.arrays ORDER BY layer NULLS LAST, hook")
+        self._runs = runs.to_pylist()
+        self._arrays = {(int(a["run_id"]), str(a["hook"])): a for a in arrs.to_pylist()}
+        self._opened = {}
+        self._seq = seq
+
+    def close(self) -> None:
+        """Close the cache's catalog connection (a later use opens another).
+
+        Example
+        -------
+        >>> st.reads.close()  # doctest: +SKIP
+        """
+        with self._lock:
+            if self._con is not None:
+                self._con.close()
+                self._con = None
 
     def seq(self) -> int:
         """The catalog's current ``commit_seq`` (what the cache is valid for).

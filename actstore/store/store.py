@@ -579,6 +579,8 @@ class Store:
         -------
         >>> st.close()  # doctest: +SKIP
         """
+        if self._reads is not None:
+            self._reads.close()
         if self._session is not None:
             self._session.close()
             self._session = None
