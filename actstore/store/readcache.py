@@ -56,6 +56,8 @@ __all__ = ["SETTLED_S", "ReadCache", "meta_for_rows", "rows_where", "select_rows
 
 SETTLED_S = 3.0
 """Age (s) a catalog file's modification time must have before its stamp is trusted."""
+COPY_MAX_ROWS = 2_000_000
+"""Most token rows of a run whose ``labeled_tokens`` a session keeps a copy of."""
 
 Stamp = tuple[tuple[int, int, int] | None, ...]
 
@@ -85,6 +87,7 @@ class ReadCache:
         self._arrays: dict[tuple[int, str], dict[str, Any]] = {}
         self._opened: dict[str, Any] = {}
         self._con: duckdb.DuckDBPyConnection | None = None
+        self._copy: tuple[int, int, str] | None = None  # (seq, run id, table) in the session
 
     def _file_stamp(self) -> Stamp | None:
         loc = self._store.location
@@ -134,6 +137,44 @@ class ReadCache:
         self._arrays = {(int(a["run_id"]), str(a["hook"])): a for a in arrs.to_pylist()}
         self._opened = {}
         self._seq = seq
+
+    def labeled_copy(self, rid: int) -> str | None:
+        """An in-memory copy of run ``rid``'s ``labeled_tokens`` in the session, or None.
+
+        Made for one run at a time (at most :data:`COPY_MAX_ROWS` rows) and only while
+        the catalog's stamp is trusted (so not again at every commit of a running
+        ingest); it is the view's rows at the current ``commit_seq``, so a predicate
+        over it selects what it selects over the view.
+
+        Example
+        -------
+        >>> st.reads.labeled_copy(2)  # doctest: +SKIP
+        'memory.main._actstore_labeled_2'
+        """
+        with self._lock:
+            self._fresh()
+            if self._stamp is None or self._seq is None:
+                return None
+            if self._copy is not None and self._copy[:2] == (self._seq, rid):
+                return self._copy[2]
+            n = max((int(a["n_rows"]) for (r, _), a in self._arrays.items() if r == rid), default=0)
+            if n > COPY_MAX_ROWS:
+                return None
+            seq, table = self._seq, f"memory.main._actstore_labeled_{int(rid)}"
+            with self._store.session.connection() as con:
+                if self._copy is not None:
+                    con.execute(f"DROP TABLE IF EXISTS {self._copy[2]}")
+                    self._copy = None
+                con.execute(
+                    f"CREATE OR REPLACE TABLE {table} AS "
+                    f'SELECT * FROM labeled_tokens WHERE run_id = {int(rid)} ORDER BY "row"'
+                )
+                now = con.execute("SELECT value FROM cat.main.meta WHERE key = 'commit_seq'")
+                if int(now.fetchall()[0][0]) != seq:  # a commit while copying: do not keep it
+                    con.execute(f"DROP TABLE {table}")
+                    return None
+            self._copy = (seq, int(rid), table)
+            return table
 
     def close(self) -> None:
         """Close the cache's catalog connection (a later use opens another).
@@ -254,13 +295,38 @@ def rows_where(
     array([ 23,  47,  71])
     """
     cond = predicate_or_true(where, what="where")
-    got = store.session.execute(
-        f"""SELECT "row" FROM labeled_tokens
-            WHERE run_id = {int(rid)} AND "row" IS NOT NULL AND "row" < {int(n_rows)}
-              AND {cond} ORDER BY "row" """,
-        params,
-    )
+    tail = f'"row" IS NOT NULL AND "row" < {int(n_rows)} AND {cond} ORDER BY "row"'
+    got = _from_copy(store, rid, f'SELECT "row" FROM {{t}} WHERE {tail}', params)
+    if got is None:
+        got = store.session.execute(
+            f'SELECT "row" FROM labeled_tokens WHERE run_id = {int(rid)} AND {tail}', params
+        )
     return np.asarray(got.column("row").to_numpy(), dtype=np.int64)
+
+
+def _from_copy(
+    store: Store, rid: int, query: str, params: Params, want: pa.Table | None = None
+) -> pa.Table | None:
+    """``query`` with ``{t}`` the run's copy of ``labeled_tokens``, or None (use the view).
+
+    Runs without attaching the catalog. Whatever fails here (a predicate calling a
+    function that reads the catalog, or a wrong one) returns None, and the caller's
+    query over the view raises the error a user should see.
+    """
+    table = store.reads.labeled_copy(rid)
+    if table is None:
+        return None
+    session = store.session
+    with session._lock:
+        try:
+            if want is not None:
+                session.con.register("_want", want)
+            return query_arrow(session.con, query.format(t=table), params)
+        except duckdb.Error:
+            return None
+        finally:
+            if want is not None:
+                session.con.unregister("_want")
 
 
 def select_rows(
@@ -291,6 +357,10 @@ def meta_for_rows(store: Store, rid: int, rows: np.ndarray) -> pa.Table:
     [5, 1]
     """
     order = pa.table({"_row": pa.array(rows, pa.int64()), "_ord": pa.array(np.arange(rows.size))})
+    join = 'SELECT lt.* FROM _want w JOIN {t} lt ON lt."row" = w._row ORDER BY w._ord'
+    got = _from_copy(store, rid, join, None, want=order)
+    if got is not None:
+        return got
     with store.session.connection() as con:
         con.register("_want", order)
         try:

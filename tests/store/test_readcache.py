@@ -17,7 +17,7 @@ import pyarrow as pa
 import pytest
 
 import actstore
-from actstore.errors import CorruptChunkError, HookNotFoundError, RunNotFoundError
+from actstore.errors import CorruptChunkError, HookNotFoundError, InputError, RunNotFoundError
 from actstore.store import arrays, objects
 
 HOOK = "blocks.0.hook_resid_post"
@@ -88,7 +88,11 @@ def st(tmp_path) -> actstore.Store:
     return _store(tmp_path / "s")
 
 
-def test_acts_equal_uncached_reads(st):
+@pytest.mark.parametrize("settled", [False, True], ids=["just-committed", "settled"])
+def test_acts_equal_uncached_reads(st, settled):
+    """Settled, the selection and metadata come from the session's copy of the run's rows."""
+    if settled:
+        _settle(st)
     rows = np.array([5, 0, 119, 5, 64])
     a = st.acts("r", HOOK, rows=rows)
     assert callable(a._meta)  # metadata not fetched until asked for
@@ -117,6 +121,9 @@ def test_acts_equal_uncached_reads(st):
         np.concatenate([b.numpy() for b in blocks]), st.acts("r", HOOK, where="odd").numpy()
     )
     assert pa.concat_tables([b.meta for b in blocks]).equals(st.acts("r", HOOK, where="odd").meta)
+    assert (st.reads._copy is not None) == settled
+    with pytest.raises(InputError, match=r"SQL error: .*nope"):
+        st.acts("r", HOOK, where="nope > 1")
 
 
 def test_commit_by_another_store_instance_invalidates(st):
