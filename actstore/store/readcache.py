@@ -19,6 +19,13 @@ the settle time covers file systems whose timestamps are coarser than a commit
 (as git does for its "racily clean" index entries). Within that time after a
 commit, and for stores on object storage, ``commit_seq`` is read on every call.
 
+While the stamp is trusted, ``where=`` selections and row metadata of a run are
+answered from copies of its ``tokens``, ``runs`` row and ``prompts`` in the
+session's memory (joined once into one table unless the prompts' text repeated
+per token would pass :data:`COPY_MAX_BYTES`; runs over :data:`COPY_MAX_ROWS`
+rows are not copied), without attaching the catalog. A predicate that needs the
+catalog itself (e.g. ``project()``) is run over the view instead.
+
 The rows' metadata (``labeled_tokens`` columns) is fetched only when asked
 (:attr:`Acts.meta` loads it on first use, in row order); committed token rows and
 prompt labels never change, so loading it later gives what loading it at the
@@ -57,7 +64,9 @@ __all__ = ["SETTLED_S", "ReadCache", "meta_for_rows", "rows_where", "select_rows
 SETTLED_S = 3.0
 """Age (s) a catalog file's modification time must have before its stamp is trusted."""
 COPY_MAX_ROWS = 2_000_000
-"""Most token rows of a run whose ``labeled_tokens`` a session keeps a copy of."""
+"""Most token rows of a run whose tokens (and prompts) a session keeps a copy of."""
+COPY_MAX_BYTES = 256 * 2**20
+"""Above this (about 64 bytes a token plus its prompt's text), the copy stays unjoined."""
 
 Stamp = tuple[tuple[int, int, int] | None, ...]
 
@@ -139,7 +148,7 @@ class ReadCache:
         self._seq = seq
 
     def labeled_copy(self, rid: int) -> str | None:
-        """An in-memory copy of run ``rid``'s ``labeled_tokens`` in the session, or None.
+        """A view of run ``rid``'s ``labeled_tokens`` over in-memory copies, or None.
 
         Made for one run at a time (at most :data:`COPY_MAX_ROWS` rows) and only while
         the catalog's stamp is trusted (so not again at every commit of a running
@@ -163,18 +172,44 @@ class ReadCache:
             seq, table = self._seq, f"memory.main._actstore_labeled_{int(rid)}"
             with self._store.session.connection() as con:
                 if self._copy is not None:
-                    con.execute(f"DROP TABLE IF EXISTS {self._copy[2]}")
+                    _drop(con, self._copy[2])
                     self._copy = None
+                # the run's tokens, its runs row and its prompts (once each, not per
+                # token), joined as the session's labeled_tokens view joins them
+                for part, src in (
+                    ("tok", f'tokens WHERE run_id = {int(rid)} ORDER BY "row"'),
+                    ("run", f"runs WHERE run_id = {int(rid)}"),
+                    (
+                        "p",
+                        f"prompts WHERE prompt_set_id = (SELECT prompt_set_id FROM "
+                        f"cat.main.runs WHERE run_id = {int(rid)})",
+                    ),
+                ):
+                    con.execute(
+                        f"CREATE OR REPLACE TABLE {table}_{part} AS SELECT * FROM cat.main.{src}"
+                    )
                 con.execute(
-                    f"CREATE OR REPLACE TABLE {table} AS "
-                    f'SELECT * FROM labeled_tokens WHERE run_id = {int(rid)} ORDER BY "row"'
+                    f"""CREATE OR REPLACE VIEW {table} AS
+                    SELECT t.*, r.name AS run, r.checkpoint_id, r.prompt_set_id,
+                           p.* EXCLUDE (prompt_set_id, prompt_idx)
+                    FROM {table}_tok t JOIN {table}_run r USING (run_id)
+                    LEFT JOIN {table}_p p
+                      ON p.prompt_set_id = r.prompt_set_id AND p.prompt_idx = t.prompt_idx"""
                 )
+                # joined once, unless its prompts' text repeated per token would be big
+                text = con.execute(
+                    f"SELECT sum(length(p.text)) FROM {table}_tok t JOIN {table}_p p USING (prompt_idx)"
+                ).fetchall()[0][0]
+                name = table
+                if n * 64 + int(text or 0) <= COPY_MAX_BYTES:
+                    name = f"{table}_all"
+                    con.execute(f"CREATE OR REPLACE TABLE {name} AS SELECT * FROM {table}")
                 now = con.execute("SELECT value FROM cat.main.meta WHERE key = 'commit_seq'")
                 if int(now.fetchall()[0][0]) != seq:  # a commit while copying: do not keep it
-                    con.execute(f"DROP TABLE {table}")
+                    _drop(con, table)
                     return None
-            self._copy = (seq, int(rid), table)
-            return table
+            self._copy = (seq, int(rid), name)
+            return name
 
     def close(self) -> None:
         """Close the cache's catalog connection (a later use opens another).
@@ -280,6 +315,14 @@ class ReadCache:
                 arr = _arrays.open_array(self._store.location, path, mode="r")
                 self._opened[path] = arr
             return arr, info
+
+
+def _drop(con: duckdb.DuckDBPyConnection, table: str) -> None:
+    table = table.removesuffix("_all")
+    con.execute(f"DROP TABLE IF EXISTS {table}_all")
+    con.execute(f"DROP VIEW IF EXISTS {table}")
+    for part in ("tok", "run", "p"):
+        con.execute(f"DROP TABLE IF EXISTS {table}_{part}")
 
 
 def rows_where(

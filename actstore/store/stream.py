@@ -24,9 +24,8 @@ The buffer holds the rows' addresses (run, row), not their values: each batch is
 one gather from the mapped shard files straight into the batch, so rows are
 copied once (not into a buffer, out of it, and again for the half it keeps) and
 the buffer costs 12 bytes a row. The batches are those a buffer of values would
-give. A shuffled batch reads rows scattered over the buffer's blocks, which on
-a memory-bound machine costs about twice a sequential read
-(``benchmarks/bench_stream.py``).
+give. A shuffled batch reads rows scattered over the buffer's blocks, which costs
+more than reading whole blocks in order (``benchmarks/bench_stream.py``).
 
 Shapes: ``N`` rows, ``D`` the hook's width, ``B`` batch size.
 

@@ -18,7 +18,7 @@ import pytest
 
 import actstore
 from actstore.errors import CorruptChunkError, HookNotFoundError, InputError, RunNotFoundError
-from actstore.store import arrays, objects
+from actstore.store import arrays, objects, readcache
 
 HOOK = "blocks.0.hook_resid_post"
 D = 8
@@ -88,11 +88,14 @@ def st(tmp_path) -> actstore.Store:
     return _store(tmp_path / "s")
 
 
-@pytest.mark.parametrize("settled", [False, True], ids=["just-committed", "settled"])
-def test_acts_equal_uncached_reads(st, settled):
+@pytest.mark.parametrize("copy", [None, "joined", "unjoined"])
+def test_acts_equal_uncached_reads(st, copy, monkeypatch):
     """Settled, the selection and metadata come from the session's copy of the run's rows."""
+    settled = copy is not None
     if settled:
         _settle(st)
+    if copy == "unjoined":  # as for a run whose prompt texts repeated per token are big
+        monkeypatch.setattr(readcache, "COPY_MAX_BYTES", 0)
     rows = np.array([5, 0, 119, 5, 64])
     a = st.acts("r", HOOK, rows=rows)
     assert callable(a._meta)  # metadata not fetched until asked for
@@ -122,6 +125,8 @@ def test_acts_equal_uncached_reads(st, settled):
     )
     assert pa.concat_tables([b.meta for b in blocks]).equals(st.acts("r", HOOK, where="odd").meta)
     assert (st.reads._copy is not None) == settled
+    if settled:
+        assert st.reads._copy[2].endswith("_all") == (copy == "joined")
     with pytest.raises(InputError, match=r"SQL error: .*nope"):
         st.acts("r", HOOK, where="nope > 1")
 
