@@ -27,6 +27,7 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -62,29 +63,32 @@ def build(root: Path, n: int, d: int) -> tuple[actstore.Store, np.memmap]:
     return st, np.load(root / "raw.npy", mmap_mode="r")
 
 
-def memmap_shuffled(raw: np.memmap, seed: int) -> int:
+def memmap_shuffled(raw: np.memmap, seed: int) -> Iterator[torch.Tensor]:
     n = raw.shape[0]
-    total = 0
     for e in range(EPOCHS):
         order = np.random.default_rng([seed, e]).permutation(-(-n // BLOCK))
         per = BATCH // BLOCK
         for g in range(0, order.size, per):
             blocks = [raw[b * BLOCK : (b + 1) * BLOCK] for b in order[g : g + per]]
-            total += torch.from_numpy(np.concatenate(blocks)).float().shape[0]
-    return total
+            yield torch.from_numpy(np.concatenate(blocks)).float()
 
 
-def memmap_sequential(raw: np.memmap) -> int:
-    total = 0
+def memmap_sequential(raw: np.memmap) -> Iterator[torch.Tensor]:
     for _ in range(EPOCHS):
         for a in range(0, raw.shape[0], BATCH):
-            total += torch.from_numpy(np.array(raw[a : a + BATCH])).float().shape[0]
+            yield torch.from_numpy(np.array(raw[a : a + BATCH])).float()
+
+
+def consume(stream: Iterable[torch.Tensor]) -> int:
+    """Rows streamed, each batch held until the next arrives (as a training step holds it)."""
+    total = 0
+    for x_BD in stream:
+        total += x_BD.shape[0]
     return total
 
 
 def store_stream(st: actstore.Store, shuffle: bool, seed: int) -> int:
-    stream = st.batches("r", HOOK, BATCH, shuffle=shuffle, seed=seed, epochs=EPOCHS)
-    return sum(b.shape[0] for b in stream)
+    return consume(st.batches("r", HOOK, BATCH, shuffle=shuffle, seed=seed, epochs=EPOCHS))
 
 
 def main() -> None:
@@ -97,8 +101,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         st, raw = build(Path(tmp), args.rows, args.d)
         cases = {
-            "memmap, shuffled blocks": lambda s: memmap_shuffled(raw, s),
-            "memmap, sequential": lambda s: memmap_sequential(raw),
+            "memmap, shuffled blocks": lambda s: consume(memmap_shuffled(raw, s)),
+            "memmap, sequential": lambda s: consume(memmap_sequential(raw)),
             "Store.batches (block shuffle + buffer)": lambda s: store_stream(st, True, s),
             "Store.batches(shuffle=False)": lambda s: store_stream(st, False, s),
         }

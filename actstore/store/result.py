@@ -16,6 +16,7 @@ Example
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -118,14 +119,15 @@ class Acts:
         run: str,
         hook: str,
         rows: np.ndarray,
-        meta: pa.Table,
+        meta: pa.Table | Callable[[], pa.Table],
         values: np.ndarray,
         heads: Any = None,
     ) -> None:
         self.run = run
         self.hook = hook
         self.rows = rows
-        self.meta = meta
+        # a callable is the store's metadata query, run on first use of ``meta``
+        self._meta: pa.Table | Callable[[], pa.Table] = meta
         self.values = values
         self.head_layout: tuple[int, int] | None = tuple(heads) if heads else None
 
@@ -152,6 +154,17 @@ class Acts:
                 "per-head hooks (blocks.L.attn.hook_q, hook_k, hook_v, hook_z): use numpy()"
             )
         return self.numpy(dtype).reshape(len(self), *self.head_layout)
+
+    @property
+    def meta(self) -> pa.Table:
+        """The rows' metadata (fetched from the catalog the first time it is asked for)."""
+        if not isinstance(self._meta, pa.Table):
+            self._meta = self._meta()
+        return self._meta
+
+    @meta.setter
+    def meta(self, table: pa.Table) -> None:
+        self._meta = table
 
     def __len__(self) -> int:
         return int(self.values.shape[0])

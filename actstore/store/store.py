@@ -14,6 +14,7 @@ import json
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +22,13 @@ import numpy as np
 import pyarrow as pa
 
 from actstore.errors import (
-    HookNotFoundError,
     InputError,
     NotAStoreError,
     ReadOnlyError,
-    RunNotFoundError,
 )
 from actstore.store import access as _access
-from actstore.store import arrays as _arrays
-from actstore.store.catalog import SCHEMA, Catalog, query_arrow
+from actstore.store import readcache as _reads
+from actstore.store.catalog import SCHEMA, Catalog
 from actstore.store.create import create_local
 from actstore.store.damage import survey
 from actstore.store.format import (
@@ -40,9 +39,8 @@ from actstore.store.format import (
     read_marker,
     write_marker,
 )
-from actstore.store.ids import as_id
 from actstore.store.location import Location, StorePath
-from actstore.store.predicate import predicate_or_true
+from actstore.store.readcache import ReadCache
 from actstore.store.result import Acts, Result
 from actstore.store.session import Session
 from actstore.store.writer import RunWriter, WriteLock
@@ -192,6 +190,7 @@ class Store:
         self.catalog = make_catalog(self.location, str(ident))
         self._session: Session | None = None
         self._job_lock: Any = None  # the write lock held for a whole job (holding_write_lock)
+        self._reads: ReadCache | None = None
 
     def __repr__(self) -> str:
         return f"<actstore.Store {str(self.root)!r}>"
@@ -239,17 +238,7 @@ class Store:
         >>> st.run_id("backdoored/pairs")  # doctest: +SKIP
         2
         """
-        rows = self.catalog.read("SELECT run_id, name FROM runs ORDER BY run_id").to_pylist()
-        rid = as_id(run)
-        for r in rows:
-            if run == r["name"] or (rid is not None and rid == r["run_id"]):
-                return int(r["run_id"])
-        names = [r["name"] for r in rows]
-        raise RunNotFoundError(
-            f"run {run if rid is None else rid!r} not in store {self.root}; "
-            f"runs: {names or 'none yet'} "
-            f"(see `actstore info {self.root}`)"
-        )
+        return self.reads.run(run)[0]
 
     def hooks(self, run: str | int) -> list[str]:
         """The hooks stored for a run, by layer.
@@ -259,11 +248,7 @@ class Store:
         >>> st.hooks("backdoored/pairs")[:2]  # doctest: +SKIP
         ['blocks.0.hook_resid_post', 'blocks.1.hook_resid_post']
         """
-        rid = self.run_id(run)
-        rows = self.catalog.read(
-            "SELECT hook FROM arrays WHERE run_id = ? ORDER BY layer NULLS LAST, hook", [rid]
-        )
-        return [str(h) for h in rows.column("hook").to_pylist()]
+        return self.reads.hooks(run)
 
     def array_info(self, run: str | int, hook: str) -> dict[str, Any]:
         """The ``arrays`` row of (run, hook): path, dtype, d, committed n_rows, layout.
@@ -273,17 +258,7 @@ class Store:
         >>> st.array_info("backdoored/pairs", "blocks.2.hook_resid_post")["n_rows"]  # doctest: +SKIP
         1440
         """
-        rid = self.run_id(run)
-        rows = self.catalog.read(
-            "SELECT * FROM arrays WHERE run_id = ? AND hook = ?", [rid, hook]
-        ).to_pylist()
-        if not rows:
-            have = self.hooks(rid)
-            raise HookNotFoundError(
-                f"hook {hook!r} not in run {run!r}; it has {have or 'no hooks'} "
-                f"(see `actstore info {self.root}`)"
-            )
-        return rows[0]
+        return self.reads.array_info(run, hook)
 
     def array(self, run: str | int, hook: str) -> tuple[Any, dict[str, Any]]:
         """The Zarr array of (run, hook) opened read-only, and its ``arrays`` row.
@@ -294,36 +269,19 @@ class Store:
         -------
         >>> arr, info = st.array("backdoored/pairs", "blocks.2.hook_resid_post")  # doctest: +SKIP
         """
-        info = self.array_info(run, hook)
-        return _arrays.open_array(self.location, info["path"], mode="r"), info
+        return self.reads.array(run, hook)
+
+    @property
+    def reads(self) -> ReadCache:
+        """Catalog metadata for reads, cached per commit (:mod:`actstore.store.readcache`)."""
+        if self._reads is None:
+            self._reads = ReadCache(self)
+        return self._reads
 
     def _select_rows(
         self, rid: int, n_rows: int, where: str | None, params: Params
     ) -> tuple[np.ndarray, pa.Table]:
-        cond = predicate_or_true(where, what="where")
-        meta = self.session.execute(
-            f"""SELECT * FROM labeled_tokens
-                WHERE run_id = {int(rid)} AND "row" IS NOT NULL AND "row" < {int(n_rows)}
-                  AND {cond} ORDER BY "row" """,
-            params,
-        )
-        return meta.column("row").to_numpy().astype(np.int64), meta
-
-    def _meta_for_rows(self, rid: int, rows: np.ndarray) -> pa.Table:
-        order = pa.table(
-            {"_row": pa.array(rows, pa.int64()), "_ord": pa.array(np.arange(rows.size))}
-        )
-        with self.session.connection() as con:
-            con.register("_want", order)
-            try:
-                t = query_arrow(
-                    con,
-                    f"""SELECT lt.* FROM _want w JOIN labeled_tokens lt
-                        ON lt.run_id = {int(rid)} AND lt."row" = w._row ORDER BY w._ord""",
-                )
-            finally:
-                con.unregister("_want")
-        return t
+        return _reads.select_rows(self, rid, n_rows, where, params)
 
     def acts(
         self,
@@ -369,14 +327,13 @@ class Store:
                     f"rows outside 0-{n - 1} requested from run {run!r} hook {hook!r} "
                     f"({n} committed rows)"
                 )
-            meta = self._meta_for_rows(rid, sel)
         else:
-            sel, meta = self._select_rows(rid, n, where, params)
+            sel = _reads.rows_where(self, rid, n, where, params)
         values = _access.read_rows(
             arr, sel, name=f"{info['path']} (run {run!r}, hook {hook!r})", committed=n
         )
-        run_name = str(meta.column("run")[0]) if meta.num_rows else str(run)
-        return Acts(run_name, hook, sel, meta, values, heads=arr.attrs.get("heads"))
+        meta = partial(_reads.meta_for_rows, self, rid, sel)  # fetched when asked for
+        return Acts(self.reads.run(rid)[1], hook, sel, meta, values, heads=arr.attrs.get("heads"))
 
     def iter_acts(
         self,
@@ -394,13 +351,15 @@ class Store:
         >>> total = sum(a.numpy(np.float32).sum(0) for a in st.iter_acts("r", "h"))  # doctest: +SKIP
         """
         arr, info = self.array(run, hook)
-        sel, meta = self._select_rows(int(info["run_id"]), int(info["n_rows"]), where, params)
+        rid = int(info["run_id"])
+        sel = _reads.rows_where(self, rid, int(info["n_rows"]), where, params)
         name = f"{info['path']} (run {run!r}, hook {hook!r})"
-        run_name = str(meta.column("run")[0]) if meta.num_rows else str(run)
+        run_name = self.reads.run(rid)[1]
         for a in range(0, sel.size, block_rows):
             rows = sel[a : a + block_rows]
             vals = _access.read_rows(arr, rows, name=name, committed=int(info["n_rows"]))
-            yield Acts(run_name, hook, rows, meta.slice(a, rows.size), vals, arr.attrs.get("heads"))
+            meta = partial(_reads.meta_for_rows, self, rid, rows)
+            yield Acts(run_name, hook, rows, meta, vals, arr.attrs.get("heads"))
 
     def batches(self, runs: Any, hook: str, batch_size: int, **kwargs: Any) -> Iterator[Any]:
         """Shuffled ``(batch_size, D)`` torch tensors of one hook's rows in one or several runs.
@@ -631,6 +590,8 @@ class Store:
         -------
         >>> st.close()  # doctest: +SKIP
         """
+        if self._reads is not None:
+            self._reads.close()
         if self._session is not None:
             self._session.close()
             self._session = None

@@ -2,9 +2,8 @@
 
 :func:`batches` turns the stored rows of one hook in one or several runs into an
 iterator of ``(B, D)`` torch tensors, for sae_lens' ``SAETrainer``,
-dictionary_learning, sparsify or a plain loop. Rows are read in contiguous
-*blocks* (the memory-mapped, checksummed read path of ``Store.acts``), so the
-stream reads near the speed of a raw memmap; shuffling is two-level:
+dictionary_learning, sparsify or a plain loop. Rows come through the
+memory-mapped, checksummed read path of ``Store.acts``; shuffling is two-level:
 
 1. **Block shuffle.** The selected rows of every run are cut into blocks of
    ``block_rows`` consecutive selected rows; the blocks of all runs are put in a
@@ -20,6 +19,13 @@ correlated) are spread over ``~buffer_rows / (2 B)`` batches. With the defaults
 (blocks of 256 rows, a buffer of 65536 rows) a batch of 4096 draws on ~256
 blocks. ``block_rows = 1`` is a full shuffle (slow: one random read per row);
 ``shuffle=False`` gives every selected row once, in run and row order.
+
+The buffer holds the rows' addresses (run, row), not their values: each batch is
+one gather from the mapped shard files straight into the batch, so rows are
+copied once (not into a buffer, out of it, and again for the half it keeps) and
+the buffer costs 12 bytes a row. The batches are those a buffer of values would
+give. A shuffled batch reads rows scattered over the buffer's blocks, which costs
+more than reading whole blocks in order (``benchmarks/bench_stream.py``).
 
 Shapes: ``N`` rows, ``D`` the hook's width, ``B`` batch size.
 
@@ -61,7 +67,7 @@ BLOCK_ROWS = 256
 BUFFER_ROWS = 65536
 """Default shuffle buffer (rows), lowered for wide hooks to keep it within :data:`BUFFER_BYTES`."""
 BUFFER_BYTES = 256 * 2**20
-"""Most stored bytes the default buffer holds (it peaks at about 1.5 times this)."""
+"""Most stored bytes the default buffer spans (the rows a batch is drawn from)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,13 +262,11 @@ def batches(
     )
 
 
-def _read_into(
-    sources: list[RowSource], picks: list[tuple[int, np.ndarray]], out: np.ndarray, ordered: bool
-) -> int:
-    """Read the rows of ``picks`` into ``out`` (rows of one run together); return how many.
+def _addresses(picks: list[tuple[int, np.ndarray]], ordered: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The (source, row) addresses of the rows of ``picks``, rows of one run together.
 
-    One ``read_rows`` per run and fill (reads cost per call, not per row); unless
-    ``ordered``, each run's rows are read sorted (their order is shuffled anyway).
+    Runs in the order they first appear; unless ``ordered``, each run's rows sorted
+    (they are shuffled anyway, and sorted rows read faster).
     """
     groups: list[tuple[int, list[np.ndarray]]] = []
     for i, sel in picks:
@@ -275,14 +279,52 @@ def _read_into(
             groups.append((i, [sel]))
         else:
             hit[1].append(sel)
-    at = 0
-    for i, sels in groups:
-        sel = np.concatenate(sels)
-        if not ordered:
-            sel = np.sort(sel)
-        _access.read_rows(sources[i].array, sel, name=sources[i].name, out=out[at : at + sel.size])
-        at += sel.size
-    return at
+    rows = [np.concatenate(sels) for _, sels in groups]
+    if not ordered:
+        rows = [np.sort(r) for r in rows]
+    srcs = [np.full(r.size, i, np.int32) for (i, _), r in zip(groups, rows, strict=True)]
+    return np.concatenate(srcs), np.concatenate(rows)
+
+
+def _numpy_of() -> dict[Any, Any]:
+    import torch
+
+    return {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
+
+
+def _read_batch(
+    sources: list[RowSource],
+    src: np.ndarray,
+    rows: np.ndarray,
+    stage: np.ndarray,
+    dtype: torch.dtype,
+    device: Any,
+) -> torch.Tensor:
+    """The rows at ``(src, rows)``, in that order, as a new tensor.
+
+    Rows are gathered into ``stage`` (reused: fresh large allocations cost page
+    faults), then copied out by torch, which casts float16 with SIMD where numpy
+    casts element by element.
+    """
+    import torch
+
+    out = stage[: rows.size]
+    first = int(src[0])
+    if (src == first).all():
+        _access.read_rows(sources[first].array, rows, name=sources[first].name, out=out)
+    else:
+        for i in np.unique(src).tolist():
+            at = np.flatnonzero(src == i)
+            out[at] = _access.read_rows(sources[i].array, rows[at], name=sources[i].name)
+    values = _to_torch(out, None)
+    if device is not None and torch.device(device).type != "cpu":
+        return values.to(device=device, dtype=dtype)
+    # a fresh numpy array, so the batch gets huge pages (numpy asks for them above
+    # 4 MiB): a batch in 4 KiB pages costs thousands of page faults
+    res = torch.from_numpy(np.empty(tuple(values.shape), _numpy_of().get(dtype, np.float32)))
+    if res.dtype != dtype:  # no numpy twin (bfloat16): torch's own allocation
+        res = torch.empty(tuple(values.shape), dtype=dtype)
+    return res.copy_(values)
 
 
 def _stream(
@@ -298,16 +340,16 @@ def _stream(
     buffer_rows: int,
 ) -> Iterator[torch.Tensor]:
     blocks = [(i, a) for i, s in enumerate(sources) for a in range(0, s.rows.size, block_rows)]
-    fill = max(buffer_rows, batch_size, block_rows)  # rows read per fill of the buffer
-    keep_max = (buffer_rows // 2 if shuffle else 0) + batch_size
+    fill = max(buffer_rows, batch_size, block_rows)  # rows added per fill of the buffer
+    # The buffer holds the addresses (source, row) of its rows, not their values: a
+    # batch is then one gather from the memory-mapped shards, and the rows a fill adds
+    # and the half it keeps cost no copy. Batches equal those of a buffer of values.
+    held_src, held_row = np.zeros(0, np.int32), np.zeros(0, np.int64)
     arr = sources[0].array
-    logical = _arrays.logical_dtype(arr)
-    # two buffers, allocated once and swapped: fresh large allocations cost page faults
-    cap = keep_max + fill + block_rows
-    first = np.empty((cap, int(arr.shape[1])), _arrays.STORE_DTYPES.get(logical, arr.dtype))
-    bufs = [first, np.empty_like(first)]
-    row_t = np.dtype((np.void, first.shape[1] * first.dtype.itemsize))
-    cur, held = 0, 0
+    # the logical dtype (ml_dtypes.bfloat16 for bfloat16): read_rows fills it in place
+    stage = np.empty(
+        (batch_size, int(arr.shape[1])), _arrays.STORE_DTYPES[_arrays.logical_dtype(arr)]
+    )
     epoch = 0
     while epochs is None or epoch < epochs:
         rng = np.random.default_rng([seed, epoch])
@@ -322,30 +364,19 @@ def _stream(
             last = j == len(order) - 1
             if n_picked < fill and not last:
                 continue
-            n = held + _read_into(sources, picks, bufs[cur][held:], ordered=not shuffle)
+            new_src, new_row = _addresses(picks, ordered=not shuffle)
             picks, n_picked = [], 0
-            x = bufs[cur][:n]
+            x_src = np.concatenate([held_src, new_src])
+            x_row = np.concatenate([held_row, new_row])
+            n = x_row.size
             keep = 0 if last else (buffer_rows // 2 if shuffle else n % batch_size)
             n_out = n if last else ((n - keep) // batch_size) * batch_size
-            # the permutation is applied batch by batch (a gather fused with the cast)
-            perm = rng.permutation(n) if shuffle else None
-            # rows as opaque records: numpy's take then copies each row with one memcpy
-            rows_v = x.view(row_t).reshape(n)
+            perm = rng.permutation(n) if shuffle else np.arange(n)
             for b in range(0, n_out, batch_size):
                 e = min(b + batch_size, n_out)
                 if e - b < batch_size and drop_last:
                     break
-                if perm is None:  # a copy: the buffer is reused
-                    yield _to_torch(x[b:e], None).to(device=device or "cpu", dtype=dtype, copy=True)
-                else:
-                    got = rows_v.take(perm[b:e]).view(x.dtype).reshape(e - b, x.shape[1])
-                    yield _to_torch(got, None).to(device=device or "cpu", dtype=dtype)
-            held = n - n_out
-            if held:
-                nxt = bufs[1 - cur][:held]
-                if perm is None:
-                    np.copyto(nxt, x[n_out:])
-                else:
-                    np.take(rows_v, perm[n_out:], out=nxt.view(row_t).reshape(held))
-                cur = 1 - cur
+                at = perm[b:e]
+                yield _read_batch(sources, x_src[at], x_row[at], stage, dtype, device)
+            held_src, held_row = x_src[perm[n_out:]], x_row[perm[n_out:]]
         epoch += 1

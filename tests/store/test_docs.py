@@ -17,6 +17,7 @@ MODULES = [
     "location",
     "part_check",
     "predicate",
+    "readcache",
     "remote",
     "session",
     "store",
