@@ -89,31 +89,90 @@ class _Pending:
 
 @dataclass
 class _HookBuffer:
+    """The open shard of one hook: a (shard_rows, D) buffer of on-disk values, reused.
+
+    Rows are copied (and cast) straight into one buffer allocated once per writer and
+    hook; a full shard is written from it and the buffer starts over. No per-batch or
+    per-shard allocations, so the heap does not grow with the rows written, whatever
+    the allocator's thresholds (see :func:`release_freed_memory`).
+    """
+
     arr: zarr.Array
     name: str
     shard_rows: int
-    start: int  # global row of blocks[0][0]; always a shard boundary
-    blocks: list[np.ndarray] = field(default_factory=list)
+    start: int  # global row of buf[0]; always a shard boundary
     disk_rows: int = 0  # rows [0, disk_rows) are durable on disk
+    fill: int = 0  # rows of the open shard held in buf
+    buf: np.ndarray | None = None  # on-disk dtype (uint16 bits for bfloat16)
 
     @property
     def end(self) -> int:
-        return self.start + sum(b.shape[0] for b in self.blocks)
+        return self.start + self.fill
+
+    def _buffer(self) -> np.ndarray:
+        if self.buf is None:
+            self.buf = np.empty((self.shard_rows, self.arr.shape[1]), np.dtype(self.arr.dtype))
+            if self.fill:  # released after a flush wrote them: the open shard's rows are on disk
+                self.buf[: self.fill] = np.asarray(self.arr[self.start : self.end])
+        return self.buf
+
+    def add(self, rows: np.ndarray) -> np.ndarray:
+        """Copy a batch's rows into the open shard, writing each shard it fills.
+
+        Returns the rows as stored (a view of the buffer when the batch fits in the
+        open shard, else the cast copy), for the batch's statistics.
+        """
+        dtype = _arrays.logical_dtype(self.arr)
+        buf = self._buffer()
+        n = rows.shape[0]
+        if self.fill + n <= self.shard_rows:
+            dst = buf[self.fill : self.fill + n]
+            _cast_into(dst, rows, dtype)
+            self.fill += n
+            stored = dst
+            if self.fill == self.shard_rows:  # stats read the buffer before it is reused
+                stored = dst.copy()
+                self._write_full()
+            return stored
+        stored = np.ascontiguousarray(_arrays.to_disk(rows, dtype))  # spans shards
+        i = 0
+        while i < n:
+            k = min(n - i, self.shard_rows - self.fill)
+            buf[self.fill : self.fill + k] = stored[i : i + k]
+            self.fill += k
+            i += k
+            if self.fill == self.shard_rows:
+                self._write_full()
+        return stored
+
+    def _write_full(self) -> None:
+        assert self.buf is not None
+        if self.end > self.disk_rows:
+            _arrays.write_rows(self.arr, self.start, self.buf)
+            self.disk_rows = self.end
+        self.start += self.shard_rows
+        self.fill = 0
 
     def write(self, partial: bool) -> bool:
-        """Write whole shards (everything if ``partial``); return whether anything was written."""
-        end = self.end
-        upto = end if partial else (end // self.shard_rows) * self.shard_rows
-        if upto <= max(self.start, self.disk_rows):
+        """Write the open shard's rows if ``partial`` (whole shards are written as they fill)."""
+        if not partial or self.end <= max(self.start, self.disk_rows):
             return False
-        data = np.concatenate(self.blocks) if len(self.blocks) > 1 else self.blocks[0]
-        _arrays.write_rows(self.arr, self.start, data[: upto - self.start])
-        self.disk_rows = upto
-        keep_from = (upto // self.shard_rows) * self.shard_rows  # start of the open shard
-        rest = data[keep_from - self.start :]
-        self.blocks = [rest.copy()] if rest.shape[0] else []  # not a view pinning the shard
-        self.start = keep_from
+        assert self.buf is not None
+        _arrays.write_rows(self.arr, self.start, self.buf[: self.fill])
+        self.disk_rows = self.end
         return True
+
+    def release(self) -> None:
+        """Drop the buffer once the writer is flushed or aborted: its memory goes back at once."""
+        self.buf = None
+
+
+def _cast_into(dst: np.ndarray, rows: np.ndarray, dtype: str) -> None:
+    """``dst[...] = to_disk(rows, dtype)`` in one pass, without a temporary."""
+    if dtype == "bfloat16" and rows.dtype != np.uint16:
+        np.copyto(_arrays.from_disk(dst, dtype), rows, casting="unsafe")
+    else:
+        np.copyto(dst, rows, casting="unsafe")
 
 
 def _libc_malloc_trim() -> Callable[[int], int] | None:
@@ -125,33 +184,16 @@ def _libc_malloc_trim() -> Callable[[int], int] | None:
         return None
 
 
-def fix_mmap_threshold(nbytes: int = 4 << 20) -> bool:
-    """Serve blocks over ``nbytes`` by mmap, returned to the OS when freed (glibc only).
-
-    Without this glibc raises its threshold as large blocks are freed, and freed
-    activation and shard buffers stay in the heap. Called by the ingest runner.
-
-    Example
-    -------
-    >>> fix_mmap_threshold() in (True, False)
-    True
-    """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-3, nbytes))  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
-
-
 _MALLOC_TRIM = _libc_malloc_trim()
 
 
 def release_freed_memory() -> None:
-    """Give freed heap memory back to the OS (glibc), after shard-sized buffers are freed.
+    """Give freed heap memory back to the OS (glibc), after a flush of partial shards.
 
-    glibc raises its mmap threshold to the size of freed large blocks (up to 32 MiB),
-    so shard buffers end up in a thread's arena, which keeps them after they are freed:
-    peak memory would grow with the number of shards written between commits.
+    The writer's own shard buffers are allocated once and reused (see ``_HookBuffer``),
+    so memory does not grow with the rows written whatever glibc's mmap threshold;
+    nothing changes the allocator's settings for the process (a low ``M_MMAP_THRESHOLD``
+    would make every large tensor of the model a fresh mapping, faulted in and zeroed).
 
     Example
     -------
@@ -225,8 +267,7 @@ class RunWriter:
             start = (self.committed_rows // shard) * shard
             buf = _HookBuffer(arr, a["hook"], shard, start, disk_rows=self.committed_rows)
             if start < self.committed_rows:  # resume inside a shard: keep its committed head
-                head = arr[start : self.committed_rows]
-                buf.blocks.append(np.asarray(head))
+                buf.add(np.asarray(arr[start : self.committed_rows]))
             self._buffers[a["hook"]] = buf
         self._pending: list[_Pending] = []
         # batches whose rows (and feature parts) are on disk, waiting for the next commit
@@ -286,15 +327,13 @@ class RunWriter:
                 f"run {self.run_id}: each hook needs one row per stored token ({n_rows}); got {sizes}"
             )
         first_row = self._next_row
-        for h, a in arrays.items():
-            buf = self._buffers[h]  # buffers hold on-disk bits (uint16 for bfloat16)
-            buf.blocks.append(
-                np.ascontiguousarray(_arrays.to_disk(a, _arrays.logical_dtype(buf.arr)))
-            )
+        # rows go straight into each hook's open-shard buffer (on-disk bits, uint16 for
+        # bfloat16); a shard is written as soon as it is full
+        stored = {h: self._buffers[h].add(a) for h, a in arrays.items()}
         stats = _hookstats.batch_stats(  # of the values as stored (see actstore.store.hookstats)
-            {h: self._buffers[h].blocks[-1] for h in arrays},
-            {h: _arrays.logical_dtype(self._buffers[h].arr) for h in arrays},
+            stored, {h: _arrays.logical_dtype(self._buffers[h].arr) for h in arrays}
         )
+        del stored
         self._pending.append(
             _Pending(
                 batch_idx=self.next_batch,
@@ -332,6 +371,7 @@ class RunWriter:
         """
         try:
             self._flush(partial=True)
+            self._release_buffers()
         finally:
             if self._lock is not None:
                 self._lock.release()
@@ -346,9 +386,14 @@ class RunWriter:
         """
         self._pending = []
         self._durable = []
+        self._release_buffers()
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+
+    def _release_buffers(self) -> None:
+        for buf in self._buffers.values():
+            buf.release()
 
     def __enter__(self) -> RunWriter:
         return self
