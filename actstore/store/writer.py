@@ -104,6 +104,7 @@ class _HookBuffer:
     disk_rows: int = 0  # rows [0, disk_rows) are durable on disk
     fill: int = 0  # rows of the open shard held in buf
     buf: np.ndarray | None = None  # on-disk dtype (uint16 bits for bfloat16)
+    wrote: bool = False  # a whole shard was written since the writer last looked
 
     @property
     def end(self) -> int:
@@ -150,6 +151,7 @@ class _HookBuffer:
         if self.end > self.disk_rows:
             _arrays.write_rows(self.arr, self.start, self.buf)
             self.disk_rows = self.end
+            self.wrote = True
         self.start += self.shard_rows
         self.fill = 0
 
@@ -188,12 +190,14 @@ _MALLOC_TRIM = _libc_malloc_trim()
 
 
 def release_freed_memory() -> None:
-    """Give freed heap memory back to the OS (glibc), after a flush of partial shards.
+    """Give freed heap memory back to the OS (glibc), once per shard written.
 
-    The writer's own shard buffers are allocated once and reused (see ``_HookBuffer``),
-    so memory does not grow with the rows written whatever glibc's mmap threshold;
-    nothing changes the allocator's settings for the process (a low ``M_MMAP_THRESHOLD``
-    would make every large tensor of the model a fresh mapping, faulted in and zeroed).
+    The writer's own shard buffers are allocated once and reused (see ``_HookBuffer``);
+    the batches' transient arrays (statistics, host copies) are freed into glibc's
+    arenas, which keep what they free, so once per shard (every few dozen batches) the
+    free pages go back. Nothing changes the allocator's settings for the process: a low
+    ``M_MMAP_THRESHOLD`` would make every large tensor of the model a fresh mapping,
+    faulted in and zeroed, on every batch.
 
     Example
     -------
@@ -410,8 +414,9 @@ class RunWriter:
         if self._pending:
             wrote = False
             for buf in self._buffers.values():
-                wrote = buf.write(partial) or wrote
-            if wrote:
+                wrote = buf.write(partial) or buf.wrote or wrote
+                buf.wrote = False
+            if wrote:  # once per shard: what the batches freed goes back to the OS
                 release_freed_memory()
             durable = min((b.disk_rows for b in self._buffers.values()), default=self._next_row)
             ready = [p for p in self._pending if p.first_row + p.n_rows <= durable]
