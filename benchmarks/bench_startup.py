@@ -49,10 +49,11 @@ def make_store(path: Path) -> None:
 
 
 def timed(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
-    """Wall and CPU seconds of one run of ``argv``."""
+    """Wall and CPU seconds of one run of ``argv`` (in the directory of its tree: ``-m``
+    puts the working directory first on the path)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    subprocess.run(argv, check=True, env=env, stdout=subprocess.DEVNULL)
+    subprocess.run(argv, check=True, env=env, stdout=subprocess.DEVNULL, cwd=env["PYTHONPATH"])
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -65,6 +66,7 @@ def imports(argv: list[str], env: dict[str, str]) -> tuple[int, list[str]]:
         [argv[0], "-X", "importtime", *argv[1:]],
         check=True,
         env=env,
+        cwd=env["PYTHONPATH"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
