@@ -46,7 +46,6 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from actstore.errors import InputError, ReadOnlyError
 from actstore.store import arrays as _arrays
@@ -526,6 +525,8 @@ def _token_rows(b: _Pending, run_id: int) -> pa.Table:
         if name in tok.column_names:
             col = tok.column(name).cast(typ)
             if name == "row":
+                import pyarrow.compute as pc  # on first use: it takes a while to import
+
                 col = pc.add(col, pa.scalar(b.first_row, pa.int64()))
             cols[name] = col
         else:
