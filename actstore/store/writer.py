@@ -52,10 +52,9 @@ from actstore.store import arrays as _arrays
 from actstore.store import features as _features
 from actstore.store import hookstats as _hookstats
 from actstore.store.part_check import checksum
+from actstore.store.shard_buffer import HookBuffer as _HookBuffer
 
 if TYPE_CHECKING:
-    import zarr
-
     from actstore.store.store import Store
 
 #: Columns of the ``tokens`` table a batch provides (``run_id`` is added).
@@ -84,96 +83,6 @@ class _Pending:
     generations: pa.Table | None
     scores: pa.Table | None
     stats: dict[str, _hookstats.HookStats] = field(default_factory=dict)
-
-
-@dataclass
-class _HookBuffer:
-    """The open shard of one hook: a (shard_rows, D) buffer of on-disk values, reused.
-
-    Rows are copied (and cast) straight into one buffer allocated once per writer and
-    hook; a full shard is written from it and the buffer starts over. No per-batch or
-    per-shard allocations, so the heap does not grow with the rows written, whatever
-    the allocator's thresholds (see :func:`release_freed_memory`).
-    """
-
-    arr: zarr.Array
-    name: str
-    shard_rows: int
-    start: int  # global row of buf[0]; always a shard boundary
-    disk_rows: int = 0  # rows [0, disk_rows) are durable on disk
-    fill: int = 0  # rows of the open shard held in buf
-    buf: np.ndarray | None = None  # on-disk dtype (uint16 bits for bfloat16)
-    wrote: bool = False  # a whole shard was written since the writer last looked
-
-    @property
-    def end(self) -> int:
-        return self.start + self.fill
-
-    def _buffer(self) -> np.ndarray:
-        if self.buf is None:
-            self.buf = np.empty((self.shard_rows, self.arr.shape[1]), np.dtype(self.arr.dtype))
-            if self.fill:  # released after a flush wrote them: the open shard's rows are on disk
-                self.buf[: self.fill] = np.asarray(self.arr[self.start : self.end])
-        return self.buf
-
-    def add(self, rows: np.ndarray) -> np.ndarray:
-        """Copy a batch's rows into the open shard, writing each shard it fills.
-
-        Returns the rows as stored (a view of the buffer when the batch fits in the
-        open shard, else the cast copy), for the batch's statistics.
-        """
-        dtype = _arrays.logical_dtype(self.arr)
-        buf = self._buffer()
-        n = rows.shape[0]
-        if self.fill + n <= self.shard_rows:
-            dst = buf[self.fill : self.fill + n]
-            _cast_into(dst, rows, dtype)
-            self.fill += n
-            stored = dst
-            if self.fill == self.shard_rows:  # stats read the buffer before it is reused
-                stored = dst.copy()
-                self._write_full()
-            return stored
-        stored = np.ascontiguousarray(_arrays.to_disk(rows, dtype))  # spans shards
-        i = 0
-        while i < n:
-            k = min(n - i, self.shard_rows - self.fill)
-            buf[self.fill : self.fill + k] = stored[i : i + k]
-            self.fill += k
-            i += k
-            if self.fill == self.shard_rows:
-                self._write_full()
-        return stored
-
-    def _write_full(self) -> None:
-        assert self.buf is not None
-        if self.end > self.disk_rows:
-            _arrays.write_rows(self.arr, self.start, self.buf)
-            self.disk_rows = self.end
-            self.wrote = True
-        self.start += self.shard_rows
-        self.fill = 0
-
-    def write(self, partial: bool) -> bool:
-        """Write the open shard's rows if ``partial`` (whole shards are written as they fill)."""
-        if not partial or self.end <= max(self.start, self.disk_rows):
-            return False
-        assert self.buf is not None
-        _arrays.write_rows(self.arr, self.start, self.buf[: self.fill])
-        self.disk_rows = self.end
-        return True
-
-    def release(self) -> None:
-        """Drop the buffer once the writer is flushed or aborted: its memory goes back at once."""
-        self.buf = None
-
-
-def _cast_into(dst: np.ndarray, rows: np.ndarray, dtype: str) -> None:
-    """``dst[...] = to_disk(rows, dtype)`` in one pass, without a temporary."""
-    if dtype == "bfloat16" and rows.dtype != np.uint16:
-        np.copyto(_arrays.from_disk(dst, dtype), rows, casting="unsafe")
-    else:
-        np.copyto(dst, rows, casting="unsafe")
 
 
 def _libc_malloc_trim() -> Callable[[int], int] | None:

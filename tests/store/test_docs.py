@@ -19,6 +19,7 @@ MODULES = [
     "predicate",
     "remote",
     "session",
+    "shard_buffer",
     "store",
 ]
 
