@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,8 +58,14 @@ def _hash_files(files: list[Path]) -> str:
     return h.hexdigest()[:32]
 
 
-def weights_hash(path: str, revision: str = "main") -> str:
+def weights_hash(path: str, revision: str = "main", *, cache: bool = True) -> str:
     """Hash of a checkpoint's weight files (local dir, or a hub id's cached snapshot).
+
+    The sha256 of a checkpoint's files takes seconds for a large model, so it is
+    cached in ``$ACTSTORE_CACHE`` (default ``~/.cache/actstore``) ``/weights-hash.json``,
+    keyed by the directory and each file's name, size, mtime, ctime and inode: any
+    change to a file (even one that keeps its size and mtime) hashes it again.
+    ``cache=False`` always reads the files.
 
     Example
     -------
@@ -76,7 +84,65 @@ def weights_hash(path: str, revision: str = "main") -> str:
     files = [f for f in p.iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES]
     if not files:
         raise InputError(f"checkpoint {path}: no weight files ({', '.join(WEIGHT_SUFFIXES)}) found")
-    return _hash_files(files)
+    if not cache:
+        return _hash_files(files)
+    key = str(p.resolve())
+    stamp = _file_stamps(files)
+    entries = _read_weights_cache()
+    hit = entries.get(key)
+    if isinstance(hit, dict) and hit.get("files") == stamp and isinstance(hit.get("hash"), str):
+        return str(hit["hash"])
+    digest = _hash_files(files)
+    if _file_stamps(files) == stamp:  # not changed while it was read
+        entries.pop(key, None)
+        entries[key] = {"files": stamp, "hash": digest}
+        _write_weights_cache(dict(list(entries.items())[-WEIGHTS_CACHE_ENTRIES:]))
+    return digest
+
+
+WEIGHTS_CACHE_ENTRIES = 256
+"""Checkpoints whose weights hash is kept (the most recently hashed)."""
+
+
+def weights_cache_path() -> Path:
+    """Where :func:`weights_hash` keeps the hashes of checkpoints it has read.
+
+    Example
+    -------
+    >>> weights_cache_path().name
+    'weights-hash.json'
+    """
+    return Path(os.environ.get("ACTSTORE_CACHE", "~/.cache/actstore")).expanduser() / (
+        "weights-hash.json"
+    )
+
+
+def _file_stamps(files: list[Path]) -> list[list[Any]]:
+    out = []
+    for f in sorted(files, key=lambda f: f.name):
+        st = f.stat()
+        out.append([f.name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])
+    return out
+
+
+def _read_weights_cache() -> dict[str, Any]:
+    try:
+        data = json.loads(weights_cache_path().read_text())
+    except (OSError, ValueError):  # none yet, unreadable or damaged: hash the files
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_weights_cache(entries: dict[str, Any]) -> None:
+    path = weights_cache_path()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(entries))
+        os.replace(tmp, path)  # readers see the old file or the new one
+    except OSError:  # a read-only home: no cache, the hash is still right
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def tokenizer_hash(tokenizer: Any) -> str:
@@ -100,6 +166,49 @@ def tokenizer_hash(tokenizer: Any) -> str:
         spec.pop("truncation", None)
         body["backend"] = spec
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+"""Files a tokenizer is loaded from (with ``*.model`` sentencepiece files and remote code)."""
+
+
+def tokenizer_files_digest(path: str) -> str | None:
+    """Hash of the files a local directory's tokenizer is loaded from (None: not a local dir).
+
+    Two directories with the same digest load the same tokenizer (for one model type
+    and the same ``trust_remote_code``), so :func:`actstore.ingest.plan.plan` loads and
+    hashes the tokenizer once, and again only for a checkpoint whose files differ.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> tokenizer_files_digest(tempfile.mkdtemp()) == tokenizer_files_digest(tempfile.mkdtemp())
+    True
+    """
+    p = Path(path)
+    if not p.is_dir():
+        return None
+    files = [
+        f
+        for f in p.iterdir()
+        if f.is_file()
+        and (
+            f.name in TOKENIZER_FILES
+            or f.name.startswith("tokenizer")
+            or f.suffix in (".model", ".py")
+        )
+    ]
+    return _hash_files(files)
 
 
 def load_tokenizer(path: str, revision: str = "", trust_remote_code: bool = False) -> Any:

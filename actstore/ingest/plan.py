@@ -28,7 +28,12 @@ from actstore.ingest.families import adapter_for, expand_hooks
 from actstore.ingest.heads import is_attention_hook
 from actstore.ingest.job import IngestJob
 from actstore.ingest.label_types import mixed_notes
-from actstore.ingest.models import load_tokenizer, resolve_device, tokenizer_hash
+from actstore.ingest.models import (
+    load_tokenizer,
+    resolve_device,
+    tokenizer_files_digest,
+    tokenizer_hash,
+)
 from actstore.ingest.prompts import load_prompt_table, prepare_prompts
 from actstore.ingest.saes import LoadedSAE, check_sae, load_sae
 from actstore.store import objects
@@ -137,6 +142,7 @@ def plan(job: IngestJob) -> Plan:
     tok_path = job.model.tokenizer or next(iter(ck_paths.values()))[0]
     tokenizer = load_tokenizer(tok_path, job.model.revision, job.model.trust_remote_code)
     tok_hash = tokenizer_hash(tokenizer)
+    tok_files = tokenizer_files_digest(tok_path)  # checkpoints with these files: not loaded again
     config = None
     for label, (path, rev) in ck_paths.items():
         try:
@@ -161,7 +167,12 @@ def plan(job: IngestJob) -> Plan:
                     f"but the first checkpoint is a {config.model_type} with {a.n_layers} x {a.d_model}; "
                     "a job's checkpoints must share one architecture: put other models in another job"
                 )
-        if not job.model.tokenizer and Path(path).is_dir() and any(Path(path).glob("tokenizer*")):
+        if (
+            not job.model.tokenizer
+            and Path(path).is_dir()
+            and any(Path(path).glob("tokenizer*"))
+            and (tok_files is None or tokenizer_files_digest(path) != tok_files)
+        ):
             other = tokenizer_hash(load_tokenizer(path, rev, job.model.trust_remote_code))
             if other != tok_hash:
                 raise InputError(

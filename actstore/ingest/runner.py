@@ -69,7 +69,6 @@ from actstore.ingest.shards import Shard, job_run_names, shard_batches
 from actstore.ingest.summary import IngestSummary, RunSummary
 from actstore.ingest.token_kl import TokenDiffs, check_store
 from actstore.store import objects
-from actstore.store.writer import fix_mmap_threshold
 
 TORCH_STORE = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -499,7 +498,6 @@ def run_job(
     if quiet is None:
         quiet = not sys.stderr.isatty()
     p = plan(job)
-    fix_mmap_threshold()  # big per-batch buffers go back to the OS: memory stays flat
     model_name = (
         job.model.name or Path(job.model.path or next(iter(p.checkpoint_paths.values()))[0]).name
     )

@@ -37,7 +37,6 @@ from typing import Any
 import duckdb
 import numpy as np
 import pyarrow as pa
-from scipy import special
 
 __all__ = ["auroc_lists", "bh_sql", "register", "replace_function", "t_pvalue"]
 
@@ -52,6 +51,8 @@ def t_pvalue(t_N: np.ndarray, df_N: np.ndarray) -> np.ndarray:
     >>> t_pvalue(np.array([0.0, 2.0, np.inf]), np.array([5.0, 10.0, np.nan])).round(4).tolist()
     [1.0, 0.0734, 0.0]
     """
+    from scipy import special  # on first use: importing scipy takes a while
+
     t_N = np.asarray(t_N, np.float64)
     df_N = np.asarray(df_N, np.float64)
     with np.errstate(invalid="ignore"):

@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from actstore.errors import HookNotFoundError, InputError, NotFoundError, RunNotFoundError
 from actstore.queries.stats import replace_function
@@ -53,6 +52,8 @@ __all__ = ["ArrayFunctions", "register"]
 
 def _codes(col: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, list[Any]]:
     """Dictionary-encode a column: (codes with -1 for NULL, distinct values)."""
+    import pyarrow.compute as pc  # on first use: it takes a while to import
+
     enc = pc.dictionary_encode(col)
     if isinstance(enc, pa.ChunkedArray):
         enc = enc.combine_chunks()

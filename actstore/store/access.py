@@ -38,15 +38,17 @@ import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import google_crc32c
 import numpy as np
-import zarr
 
 from actstore.errors import CorruptChunkError, InputError
 from actstore.store import arrays as _arrays
 from actstore.store.shardio import RawShardLayout, parse_layout
+
+if TYPE_CHECKING:  # zarr is imported when an array is opened (actstore.store.arrays)
+    import zarr
 
 __all__ = ["ShardLayout", "clear_cache", "read_rows", "shard_layout"]
 

@@ -30,26 +30,52 @@ Example
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import ml_dtypes
 import numpy as np
-import zarr
-import zarr.errors
-from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
 
 from actstore.errors import CorruptChunkError, InputError
 from actstore.store import shardio as _shardio
 from actstore.store.location import Location
 
+if TYPE_CHECKING:  # zarr is imported when an array is first created or opened
+    import zarr
+
+
+class _StoreDtypes(Mapping[str, "np.dtype[Any]"]):
+    """``{"float16": ..., "float32": ..., "bfloat16": ...}``; ml_dtypes (slow to import: its
+    extension registers a dozen numpy dtypes) is imported when bfloat16 is first looked up."""
+
+    _names = ("float16", "float32", "bfloat16")
+
+    def __init__(self) -> None:
+        self._have: dict[str, np.dtype[Any]] = {
+            "float16": np.dtype(np.float16),
+            "float32": np.dtype(np.float32),
+        }
+
+    def __getitem__(self, name: str) -> np.dtype[Any]:
+        if name == "bfloat16" and name not in self._have:
+            import ml_dtypes
+
+            self._have[name] = np.dtype(ml_dtypes.bfloat16)
+        return self._have[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
 #: Storage dtypes a run can choose, and the numpy dtype each is read as.
-STORE_DTYPES: dict[str, np.dtype[Any]] = {
-    "float16": np.dtype(np.float16),
-    "float32": np.dtype(np.float32),
-    "bfloat16": np.dtype(ml_dtypes.bfloat16),
-}
+STORE_DTYPES: Mapping[str, np.dtype[Any]] = _StoreDtypes()
 _ON_DISK = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
 COMPRESSIONS = ("none", "zstd", "blosc")
 TARGET_CHUNK_BYTES = 1 << 20
@@ -104,6 +130,8 @@ def default_layout(d: int, dtype: str, compression: str | None = None) -> Layout
 
 
 def _compressors(compression: str, itemsize: int) -> list[Any]:
+    from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
+
     if compression == "zstd":
         return [ZstdCodec(level=1), Crc32cCodec()]
     if compression == "blosc":
@@ -155,6 +183,8 @@ def create_array(
     loc = Location.parse(root)
     if loc.exists(f"{relpath}/zarr.json"):
         return open_array(root, relpath)
+    import zarr
+
     attrs = {"actstore_dtype": dtype, **(attributes or {})}
     itemsize = STORE_DTYPES[dtype].itemsize
     return zarr.create_array(
@@ -181,11 +211,13 @@ def create_group(
 
     Example
     -------
-    >>> import tempfile
+    >>> import tempfile, zarr
     >>> r = tempfile.mkdtemp(); create_group(r, "arrays/run000001", {"run_id": 1})
     >>> dict(zarr.open_group(f"{r}/arrays/run000001", mode="r").attrs)
     {'run_id': 1}
     """
+    import zarr
+
     loc = Location.parse(root)
     if not loc.exists(f"{relpath}/zarr.json"):
         zarr.create_group(store=loc.zarr_store(relpath), attributes=attributes or {})
@@ -204,6 +236,9 @@ def open_array(root: str | Path | Location, relpath: str, mode: str = "r+") -> z
     # zarr.open_array ignores ``config`` for an existing array (zarr 3.1.6), so it is set
     # after: without write_empty_chunks zarr compares every chunk with the fill value
     # (half the write speed) and leaves out equal ones, and shardio would not apply.
+    import zarr
+    import zarr.errors
+
     loc = Location.parse(root)
     try:
         arr = zarr.open_array(store=loc.zarr_store(relpath, read_only=mode == "r"), mode=mode)

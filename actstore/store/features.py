@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from actstore.errors import InputError
 from actstore.store.format import feature_dir_relpath
@@ -101,6 +100,8 @@ def encode_part(
         },
         schema=SCHEMA,
     )
+    import pyarrow.parquet as pq  # on first use: light commands do without
+
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf, compression="zstd", row_group_size=1 << 20)
     return part_relpath(run_id, sae_id, first_row, first_batch), buf.getvalue().to_pybytes()
@@ -175,6 +176,8 @@ def read_part(root: str | Path | Location, relpath: str) -> pa.Table:
     >>> read_part(r, rel).column("feature").to_pylist()
     [2]
     """
+    import pyarrow.parquet as pq
+
     loc = Location.parse(root)
     if loc.is_local:
         return pq.read_table(loc.path(relpath), schema=SCHEMA)

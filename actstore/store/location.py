@@ -30,11 +30,12 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
-
-import fsspec
+from typing import IO, TYPE_CHECKING, Any
 
 from actstore.errors import InputError
+
+if TYPE_CHECKING:  # fsspec is imported when a filesystem is first needed
+    import fsspec
 
 __all__ = ["Location", "StorePath"]
 
@@ -94,6 +95,8 @@ class Location:
             raise InputError(
                 f"store URL {text!r} names no bucket or path; use e.g. s3://bucket/store"
             )
+        import fsspec
+
         try:
             fs_class = fsspec.get_filesystem_class(protocol)
         except (ValueError, ImportError) as e:
@@ -139,6 +142,8 @@ class Location:
         >>> type(Location.parse("memory://b/x").fs).__name__
         'MemoryFileSystem'
         """
+        import fsspec
+
         return fsspec.filesystem(self.protocol, **self.storage_options)
 
     def path(self, rel: str = "") -> str:

@@ -50,14 +50,15 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import google_crc32c
 import numpy as np
-import zarr
-from zarr.storage import LocalStore
 
 from actstore.errors import InputError
+
+if TYPE_CHECKING:  # zarr is imported when an array is opened (actstore.store.arrays)
+    import zarr
 
 __all__ = [
     "MISSING",
@@ -186,6 +187,8 @@ def parse_layout(arr: zarr.Array) -> RawShardLayout | None:
     >>> parse_layout(a).dtype.name  # bfloat16 bits, little endian
     'uint16'
     """
+    from zarr.storage import LocalStore
+
     meta = arr.metadata
     if getattr(meta, "zarr_format", None) != 3 or not isinstance(arr.store, LocalStore):
         return None

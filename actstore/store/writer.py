@@ -46,17 +46,15 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from actstore.errors import InputError, ReadOnlyError
 from actstore.store import arrays as _arrays
 from actstore.store import features as _features
 from actstore.store import hookstats as _hookstats
 from actstore.store.part_check import checksum
+from actstore.store.shard_buffer import HookBuffer as _HookBuffer
 
 if TYPE_CHECKING:
-    import zarr
-
     from actstore.store.store import Store
 
 #: Columns of the ``tokens`` table a batch provides (``run_id`` is added).
@@ -89,35 +87,6 @@ class _Pending:
     other: dict[str, pa.Table] = field(default_factory=dict)
 
 
-@dataclass
-class _HookBuffer:
-    arr: zarr.Array
-    name: str
-    shard_rows: int
-    start: int  # global row of blocks[0][0]; always a shard boundary
-    blocks: list[np.ndarray] = field(default_factory=list)
-    disk_rows: int = 0  # rows [0, disk_rows) are durable on disk
-
-    @property
-    def end(self) -> int:
-        return self.start + sum(b.shape[0] for b in self.blocks)
-
-    def write(self, partial: bool) -> bool:
-        """Write whole shards (everything if ``partial``); return whether anything was written."""
-        end = self.end
-        upto = end if partial else (end // self.shard_rows) * self.shard_rows
-        if upto <= max(self.start, self.disk_rows):
-            return False
-        data = np.concatenate(self.blocks) if len(self.blocks) > 1 else self.blocks[0]
-        _arrays.write_rows(self.arr, self.start, data[: upto - self.start])
-        self.disk_rows = upto
-        keep_from = (upto // self.shard_rows) * self.shard_rows  # start of the open shard
-        rest = data[keep_from - self.start :]
-        self.blocks = [rest.copy()] if rest.shape[0] else []  # not a view pinning the shard
-        self.start = keep_from
-        return True
-
-
 def _libc_malloc_trim() -> Callable[[int], int] | None:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -127,33 +96,18 @@ def _libc_malloc_trim() -> Callable[[int], int] | None:
         return None
 
 
-def fix_mmap_threshold(nbytes: int = 4 << 20) -> bool:
-    """Serve blocks over ``nbytes`` by mmap, returned to the OS when freed (glibc only).
-
-    Without this glibc raises its threshold as large blocks are freed, and freed
-    activation and shard buffers stay in the heap. Called by the ingest runner.
-
-    Example
-    -------
-    >>> fix_mmap_threshold() in (True, False)
-    True
-    """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-3, nbytes))  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
-
-
 _MALLOC_TRIM = _libc_malloc_trim()
 
 
 def release_freed_memory() -> None:
-    """Give freed heap memory back to the OS (glibc), after shard-sized buffers are freed.
+    """Give freed heap memory back to the OS (glibc), once per shard written.
 
-    glibc raises its mmap threshold to the size of freed large blocks (up to 32 MiB),
-    so shard buffers end up in a thread's arena, which keeps them after they are freed:
-    peak memory would grow with the number of shards written between commits.
+    The writer's own shard buffers are allocated once and reused (see ``_HookBuffer``);
+    the batches' transient arrays (statistics, host copies) are freed into glibc's
+    arenas, which keep what they free, so once per shard (every few dozen batches) the
+    free pages go back. Nothing changes the allocator's settings for the process: a low
+    ``M_MMAP_THRESHOLD`` would make every large tensor of the model a fresh mapping,
+    faulted in and zeroed, on every batch.
 
     Example
     -------
@@ -227,8 +181,7 @@ class RunWriter:
             start = (self.committed_rows // shard) * shard
             buf = _HookBuffer(arr, a["hook"], shard, start, disk_rows=self.committed_rows)
             if start < self.committed_rows:  # resume inside a shard: keep its committed head
-                head = arr[start : self.committed_rows]
-                buf.blocks.append(np.asarray(head))
+                buf.add(np.asarray(arr[start : self.committed_rows]))
             self._buffers[a["hook"]] = buf
         self._pending: list[_Pending] = []
         # batches whose rows (and feature parts) are on disk, waiting for the next commit
@@ -296,15 +249,13 @@ class RunWriter:
                 f"run {self.run_id}: each hook needs one row per stored token ({n_rows}); got {sizes}"
             )
         first_row = self._next_row
-        for h, a in arrays.items():
-            buf = self._buffers[h]  # buffers hold on-disk bits (uint16 for bfloat16)
-            buf.blocks.append(
-                np.ascontiguousarray(_arrays.to_disk(a, _arrays.logical_dtype(buf.arr)))
-            )
+        # rows go straight into each hook's open-shard buffer (on-disk bits, uint16 for
+        # bfloat16); a shard is written as soon as it is full
+        stored = {h: self._buffers[h].add(a) for h, a in arrays.items()}
         stats = _hookstats.batch_stats(  # of the values as stored (see actstore.store.hookstats)
-            {h: self._buffers[h].blocks[-1] for h in arrays},
-            {h: _arrays.logical_dtype(self._buffers[h].arr) for h in arrays},
+            stored, {h: _arrays.logical_dtype(self._buffers[h].arr) for h in arrays}
         )
+        del stored
         self._pending.append(
             _Pending(
                 batch_idx=self.next_batch,
@@ -344,6 +295,7 @@ class RunWriter:
         """
         try:
             self._flush(partial=True)
+            self._release_buffers()
         finally:
             if self._lock is not None:
                 self._lock.release()
@@ -358,9 +310,14 @@ class RunWriter:
         """
         self._pending = []
         self._durable = []
+        self._release_buffers()
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+
+    def _release_buffers(self) -> None:
+        for buf in self._buffers.values():
+            buf.release()
 
     def __enter__(self) -> RunWriter:
         return self
@@ -377,8 +334,9 @@ class RunWriter:
         if self._pending:
             wrote = False
             for buf in self._buffers.values():
-                wrote = buf.write(partial) or wrote
-            if wrote:
+                wrote = buf.write(partial) or buf.wrote or wrote
+                buf.wrote = False
+            if wrote:  # once per shard: what the batches freed goes back to the OS
                 release_freed_memory()
             durable = min((b.disk_rows for b in self._buffers.values()), default=self._next_row)
             ready = [p for p in self._pending if p.first_row + p.n_rows <= durable]
@@ -522,6 +480,8 @@ def _token_rows(b: _Pending, run_id: int) -> pa.Table:
         if name in tok.column_names:
             col = tok.column(name).cast(typ)
             if name == "row":
+                import pyarrow.compute as pc  # on first use: it takes a while to import
+
                 col = pc.add(col, pa.scalar(b.first_row, pa.int64()))
             cols[name] = col
         else:

@@ -29,7 +29,8 @@ EVENTS = [
     (objects, "finish_run"),
     (writer.RunWriter, "_write_parts"),
     (writer.RunWriter, "_commit"),
-    (writer._HookBuffer, "write"),
+    (writer._HookBuffer, "write"),  # a partial shard
+    (writer._HookBuffer, "_write_full"),  # a whole shard, as it fills
 ]
 
 

@@ -20,6 +20,7 @@ MODULES = [
     "readcache",
     "remote",
     "session",
+    "shard_buffer",
     "store",
 ]
 

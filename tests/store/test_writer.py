@@ -171,3 +171,65 @@ def test_reader_sees_only_committed_batches_while_writer_appends(tmp_path):
     assert seen == sorted(seen) and seen[-1] == 2000
     assert len(set(seen)) > 2, "the reader should have seen intermediate commits"
     assert slowest < 30  # a lock wait is bounded by one commit, far below this
+
+
+def test_rows_across_shards_go_through_one_reused_buffer(tmp_path):
+    """Batches that end on, span and resume inside shard boundaries are stored exactly (float16
+    and bfloat16 bits), through one preallocated shard buffer per hook: the writer's memory
+    is one shard plus one batch's work however many shards it writes (the old writer
+    concatenated each shard's blocks: two shards)."""
+    import tracemalloc
+
+    import ml_dtypes
+
+    from actstore.store import arrays as _arrays
+    from actstore.store import hookstats
+
+    d = 4096
+    shard = _arrays.default_layout(d, "float16").shard_rows  # 4096 rows: 32 MiB
+    sizes = [128] * (shard // 128) + [100] * 44  # the 32nd batch ends on a boundary
+    assert sum(sizes) > 2 * shard  # and a later one spans the next
+
+    base = np.random.default_rng(5).standard_normal((128, d)).astype(np.float32)
+
+    def rows(i):  # batch i, made again for the reference (not held while writing)
+        return base[: sizes[i]] * np.float32(1 + i / 7) + np.float32(i / 3)
+
+    st_ = actstore.open(tmp_path / "s", create=True)
+    ps = objects.add_prompt_set(
+        st_, name="p", table=pa.table({"text": [str(i) for i in range(len(sizes))]})
+    )
+    for dtype, ref in (("float16", np.float16), ("bfloat16", ml_dtypes.bfloat16)):
+        rid = objects.create_run(
+            st_, name=dtype, prompt_set_id=ps, hooks={"h": (0, d)}, store_dtype=dtype
+        )
+        w = st_.writer(rid)
+        tracemalloc.start()
+        pointers = set()
+        for i, n in enumerate(sizes):
+            tok = {"prompt_idx": np.full(n, i), "position": np.arange(n), "row": np.arange(n)}
+            w.append(arrays={"h": rows(i)}, tokens=tok, first_prompt=i, n_prompts=1)
+            pointers.add(w._buffers["h"].buf.__array_interface__["data"][0])
+            if i == 36:  # commit inside a shard, reopen: the new writer resumes from disk
+                w.close()
+                w = st_.writer(rid)
+                pointers = set()
+                tracemalloc.reset_peak()  # from here on: appends and whole-shard writes
+        peak = tracemalloc.get_traced_memory()[1]  # (a partial shard goes through zarr)
+        tracemalloc.stop()
+        w.close()
+        assert len(pointers) == 1  # the same buffer for every shard of the second writer
+        batch_work = 128 * d * (4 + 2 * 8)  # a float32 batch, its float64 statistics
+        assert peak < shard * d * 2 + batch_work + (6 << 20), (peak >> 20, dtype)
+        assert w._buffers["h"].buf is None  # given back on close
+        got = st_.acts(dtype, "h").numpy().view(np.uint16)
+        assert got.shape == (sum(sizes), d)
+        ends = np.cumsum(sizes)
+        mean = np.zeros(d)
+        for i, end in enumerate(ends):
+            want = rows(i).astype(ref)
+            assert np.array_equal(got[end - sizes[i] : end], want.view(np.uint16)), (dtype, i)
+            mean += want.astype(np.float64).sum(0)
+        stats = hookstats.read(st_, rid)["h"]
+        assert stats.n == sum(sizes)
+        np.testing.assert_allclose(stats.mean_D, mean / sum(sizes), atol=1e-9)
