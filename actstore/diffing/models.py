@@ -24,7 +24,7 @@ import torch
 from actstore.errors import InputError
 
 if TYPE_CHECKING:
-    from actstore.ingest.runner import BatchContext
+    from actstore.ingest.batch_context import BatchContext
     from actstore.store.store import Store
 
 
@@ -134,7 +134,7 @@ def batches(
     >>> [(s, c.input_ids.shape) for s, c in batches([[1, 2], [3]], [2, 1], [0, 1], 8, "cpu")]
     [(slice(0, 2, None), torch.Size([2, 2]))]
     """
-    from actstore.ingest.runner import BatchContext
+    from actstore.ingest.batch_context import BatchContext
 
     for lo in range(0, len(ids), batch_size):
         chunk = ids[lo : lo + batch_size]

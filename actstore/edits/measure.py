@@ -233,7 +233,7 @@ def _references(
 def _batches(
     seqs: list[tuple[int, list[int], int]], batch_size: int, device: str, tokenizer: Any
 ) -> Iterator[tuple[list[tuple[int, list[int], int]], Any]]:
-    from actstore.ingest.runner import BatchContext
+    from actstore.ingest.batch_context import BatchContext
 
     for lo in range(0, len(seqs), batch_size):
         chunk = seqs[lo : lo + batch_size]

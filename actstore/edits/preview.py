@@ -94,11 +94,11 @@ def preview(
     [3, 4]
     """
     from actstore.edits.apply import ResolvedEdit, resolve_edit
+    from actstore.ingest.batch_context import BatchContext
     from actstore.ingest.batches import pad_batch
     from actstore.ingest.generate import GenerateSpec, generate
     from actstore.ingest.logit_metrics import MetricSpec, batch_scores, resolve_targets
     from actstore.ingest.positions import TokenizedPrompt
-    from actstore.ingest.runner import BatchContext
 
     if isinstance(prompts, str) or not prompts:
         raise InputError("preview: prompts must be a non-empty list of texts")

