@@ -44,7 +44,7 @@ def heads_store(patch_env: dict[str, Any], tmp_path_factory: pytest.TempPathFact
         "checkpoints": [{"label": "backdoored", "path": str(patch_env["family"]["backdoored"])}],
         "prompts": [{"name": "pairs", "path": str(prompts), "limit": N_PROMPTS}],
         "capture": {
-            "hooks": ["blocks.*.attn.hook_z", "blocks.*.hook_resid_pre"],
+            "hooks": ["blocks.*.attn.hook_z", "blocks.1.attn.hook_v", "blocks.*.hook_resid_pre"],
             "positions": "all",
             "store_dtype": "float32",
             "batch_size": 16,
@@ -81,6 +81,31 @@ class DirectHeads(Direct):
         h = o_proj.register_forward_pre_hook(pre)
         try:
             logits = self.model(self.ids(text)).logits[0, -1]
+        finally:
+            h.remove()
+        return float(logits[good] - logits[bad])
+
+    @torch.no_grad()
+    def v_metric(self, clean: str, trig: str, good: int, bad: int, c: Any, cols: slice) -> float:
+        """Head ``cols`` of ``v_proj``'s output at one position, from the triggered prompt."""
+        layer = int(c["layer"])
+        seen: list[torch.Tensor] = []
+        src = self.source_model.model.layers[layer].self_attn.v_proj
+        h = src.register_forward_hook(lambda _m, _a, out: seen.append(out.clone()))
+        try:
+            self.source_model(self.ids(trig))
+        finally:
+            h.remove()
+        vec = seen[0][0, int(c["source_position"]), cols]
+
+        def post(_m: Any, _a: Any, out: torch.Tensor) -> torch.Tensor:
+            out = out.clone()
+            out[0, int(c["position"]), cols] = vec
+            return out
+
+        h = self.model.model.layers[layer].self_attn.v_proj.register_forward_hook(post)
+        try:
+            logits = self.model(self.ids(clean)).logits[0, -1]
         finally:
             h.remove()
         return float(logits[good] - logits[bad])
@@ -163,11 +188,10 @@ def test_whole_hook_cells_on_request_and_mixed_hooks(
     pairs = _pairs(patch_env["rows"])
     for _, c in m.iterrows():
         _check(direct, pairs, c, slice(None))
-    # hook_z per head beside resid_pre whole, in one batched grid, with its layer x head plot
+    # hook_z and hook_v per head beside resid_pre whole, in one batched grid, with its plot
     png = tmp_path / "mixed.png"
-    mixed = patch_grid(
-        st, hooks=["blocks.1.attn.hook_z", "blocks.1.hook_resid_pre"], name="m", plot=png, **kw
-    )
+    hooks = ["blocks.1.attn.hook_z", "blocks.1.attn.hook_v", "blocks.1.hook_resid_pre"]
+    mixed = patch_grid(st, hooks=hooks, name="m", plot=png, **kw)
     mc = mixed.cells().df()
     mc = mc[mc["counterpart"] == "matched"]
     z = mc[mc["hook"] == "blocks.1.attn.hook_z"]
@@ -176,6 +200,15 @@ def test_whole_hook_cells_on_request_and_mixed_hooks(
     for _, c in z.iloc[:4].iterrows():
         h = int(c["head"])
         _check(direct, pairs, c, slice(h * D_HEAD, (h + 1) * D_HEAD))
+    v = mc[mc["hook"] == "blocks.1.attn.hook_v"]
+    assert sorted(v["head"]) == sorted(list(range(N_HEADS)) * 3)
+    for _, c in v.iloc[:4].iterrows():
+        h = int(c["head"])
+        clean, trig = pairs[int(c["pair"])][False], pairs[int(c["pair"])][True]
+        good, bad = direct.token("I"), direct.token(clean["answer"])
+        cols = slice(h * D_HEAD, (h + 1) * D_HEAD)
+        want = direct.v_metric(clean["prompt"], trig["prompt"], good, bad, c, cols)
+        assert c["value"] == pytest.approx(want, abs=1e-4)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
