@@ -152,7 +152,13 @@ class Cell:
 
     @property
     def key(self) -> tuple[int, str, int, int | None]:
-        """``(pair, hook, target position, head)``: the key of its value in :func:`cell_table`."""
+        """``(pair, hook, target position, head)``: the key of its value in :func:`cell_table`.
+
+        Example
+        -------
+        >>> Cell(0, "blocks.0.attn.hook_z", 5, 6, 41, head=2).key
+        (0, 'blocks.0.attn.hook_z', 5, 2)
+        """
         return (self.pair, self.hook, self.target_position, self.head)
 
 
@@ -209,7 +215,13 @@ class Plan:
     """Hook -> ``(heads, d_head)`` of the hooks patched one head at a time."""
 
     def heads_of(self, hook: str) -> list[int | None]:
-        """The heads of ``hook``'s cells: ``[0 .. H-1]`` patched per head, else ``[None]``."""
+        """The heads of ``hook``'s cells: ``[0 .. H-1]`` patched per head, else ``[None]``.
+
+        Example
+        -------
+        >>> plan.heads_of("blocks.0.attn.hook_z"), plan.heads_of("blocks.0.hook_resid_pre")  # doctest: +SKIP
+        ([0, 1, 2, 3], [None])
+        """
         if hook in self.heads:
             return list(range(self.heads[hook][0]))
         return [None]

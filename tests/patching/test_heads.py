@@ -247,3 +247,28 @@ def test_cli_per_head_and_bad_head_position(heads_store: Path, tmp_path: Path) -
             hooks="blocks.0.attn.hook_z",
             head_position=0,
         )
+
+
+def test_plot_draws_layer_by_head_at_one_position(tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    from actstore.patching.plot import plot_grid
+
+    n = 2 * N_HEADS
+    t = pa.table(
+        {
+            "hook": ["blocks.0.attn.hook_z"] * N_HEADS + ["blocks.1.attn.hook_z"] * N_HEADS,
+            "layer": [0] * N_HEADS + [1] * N_HEADS,
+            "head": list(range(N_HEADS)) * 2,
+            "pos_from_end": [-1] * n,
+            "source_position": [None] * n,
+            "counterpart": ["matched"] * n,
+            "token": [":"] * n,
+            "mean_metric": [0.1 * i for i in range(n)],
+            "n_pairs": [3] * n,
+        }
+    )
+    assert plot_grid(t, tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(InputError, match=r"no position -2 from the end.*\[-1\]"):
+        plot_grid(t, tmp_path / "h2.png", head_position=-2)
+    assert not (tmp_path / "h2.png").exists()
