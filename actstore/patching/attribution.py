@@ -344,7 +344,7 @@ def attribute(
     del smodel
     grad_hooks = list(dict.fromkeys([*plan.hooks, *(s.hook for s in sae_list)]))
     m_target = torch.zeros(len(found))
-    values: dict[tuple[int, str, int], float] = {}
+    values: dict[tuple[int, str, int, int | None], float] = {}
     parts: list[pa.Table] = []
     for lo in range(0, len(found), PAIR_CHUNK):
         # PAIR_CHUNK pairs at a time: activations, gradients and source vectors stay bounded
@@ -378,7 +378,7 @@ def attribute(
         for c in cells_here:
             delta_D = vecs[c.hook][c.source_row] - acts[c.pair][c.hook][c.target_position]
             effect = float(delta_D.double() @ grads[c.pair][c.hook][c.target_position].double())
-            values[(c.pair, c.hook, c.target_position)] = float(m_target[c.pair]) + effect
+            values[c.key] = float(m_target[c.pair]) + effect
         parts.append(
             _feature_table(st, plan, sae_list, sites_here, vecs, acts, grads, m_target, m_source)
         )

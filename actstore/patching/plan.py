@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -137,13 +137,29 @@ def load_model(rec: Mapping[str, Any], device: str) -> Any:
 
 @dataclass(frozen=True)
 class Cell:
-    """One cell to compute: pair index, hook, target and source positions, source row."""
+    """One cell to compute: pair index, hook, target and source positions, source row, head.
+
+    ``head`` is None for the whole hook, else the head whose ``d_head`` columns alone
+    are patched (per-head hooks, :attr:`Plan.heads`).
+    """
 
     pair: int  # index into the pairs list
     hook: str
     target_position: int
     source_position: int
     source_row: int  # the source run's stored row at source_position
+    head: int | None = None
+
+    @property
+    def key(self) -> tuple[int, str, int, int | None]:
+        """``(pair, hook, target position, head)``: the key of its value in :func:`cell_table`.
+
+        Example
+        -------
+        >>> Cell(0, "blocks.0.attn.hook_z", 5, 6, 41, head=2).key
+        (0, 'blocks.0.attn.hook_z', 5, 2)
+        """
+        return (self.pair, self.hook, self.target_position, self.head)
 
 
 def source_values(st: Store, run: str, hook: str, rows: list[int]) -> dict[int, torch.Tensor]:
@@ -195,6 +211,20 @@ class Plan:
     good: list[int]
     bad: list[int]
     params: dict[str, Any]
+    heads: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """Hook -> ``(heads, d_head)`` of the hooks patched one head at a time."""
+
+    def heads_of(self, hook: str) -> list[int | None]:
+        """The heads of ``hook``'s cells: ``[0 .. H-1]`` patched per head, else ``[None]``.
+
+        Example
+        -------
+        >>> plan.heads_of("blocks.0.attn.hook_z"), plan.heads_of("blocks.0.hook_resid_pre")  # doctest: +SKIP
+        ([0, 1, 2, 3], [None])
+        """
+        if hook in self.heads:
+            return list(range(self.heads[hook][0]))
+        return [None]
 
     @property
     def t_ids(self) -> list[list[int]]:
@@ -223,8 +253,12 @@ def make_plan(
     where: str | None = None,
     name: str | None = None,
     replace: bool = False,
+    per_head: bool = False,
 ) -> Plan:
     """Check a patching request against the store and resolve it (see :func:`patch_grid`).
+
+    ``per_head``: the hooks stored with a head layout (``blocks.L.attn.hook_q/k/v/z``,
+    the array attribute ``heads``) get one cell per head instead of one per hook.
 
     Raises
     ------
@@ -261,6 +295,12 @@ def make_plan(
         st.array_info(src["name"], h)  # HookNotFoundError lists the stored hooks
         if parse_hook(h)[0] is None:
             raise InputError(f"hook {h!r}: patch block hooks (blocks.L.kind), not module paths")
+    heads: dict[str, tuple[int, int]] = {}
+    if per_head:
+        for h in hook_names:
+            layout = st.array(src["name"], h)[0].attrs.get("heads")
+            if layout:
+                heads[h] = (int(layout[0]), int(layout[1]))
     name = name or f"{kind}:{tgt['name']}:{hooks if isinstance(hooks, str) else ','.join(hooks)}"
     found = find_pairs(
         st,
@@ -299,7 +339,11 @@ def make_plan(
                     f'{p.source_prompt} position {s}; ingest it with positions = "all", '
                     "or choose --positions it stored"
                 )
-            cells.extend(Cell(k, h, t, s, int(row)) for h in hook_names)
+            cells.extend(
+                Cell(k, h, t, s, int(row), head)
+                for h in hook_names
+                for head in (range(heads[h][0]) if h in heads else [None])
+            )
     good, bad = spec.token_ids(tok, [p.labels for p in found])
     if not replace:
         check_new_name(st, name, kind)
@@ -322,6 +366,7 @@ def make_plan(
         "metric": str(spec),
         "alignment": alignment,
         "where": where,
+        "per_head": sorted(heads),
     }
     return Plan(
         st,
@@ -339,6 +384,7 @@ def make_plan(
         good,
         bad,
         params,
+        heads,
     )
 
 
@@ -370,7 +416,7 @@ def pair_table(plan: Plan, m_target: torch.Tensor, m_source: torch.Tensor) -> pa
 
 def cell_table(
     plan: Plan,
-    values: Mapping[tuple[int, str, int], float],
+    values: Mapping[tuple[int, str, int, int | None], float],
     m_target: torch.Tensor,
     m_source: torch.Tensor,
 ) -> pa.Table:
@@ -379,7 +425,8 @@ def cell_table(
     Parameters
     ----------
     values
-        (pair index, hook, target position) -> the raw (patched, or estimated) metric.
+        (pair index, hook, target position, head) -> the raw (patched, or estimated)
+        metric (:attr:`Cell.key`; head None for a whole-hook cell).
     m_target, m_source
         Each pair's unpatched metrics, for the normalisation.
 
@@ -413,15 +460,17 @@ def cell_table(
                 if tpos is not None and spos is not None
                 else ("target_only" if tpos is not None else "source_only")
             )
-            for h in hook_names:
-                raw = values.get((k, h, tpos)) if tpos is not None and spos is not None else None
-                norm = norms[(k, h, tpos)] if raw is not None and tpos is not None else None
+            for h, head in ((hk, x) for hk in hook_names for x in plan.heads_of(hk)):
+                raw = norm = None
+                if tpos is not None and spos is not None:
+                    raw = values.get((k, h, tpos, head))
+                    norm = norms[(k, h, tpos, head)] if raw is not None else None
                 cols["run"].append(tgt["name"])
                 cols["source_run"].append(src["name"])
                 cols["pair"].append(p.key)
                 cols["hook"].append(h)
                 cols["layer"].append(parse_hook(h)[0])
-                cols["head"].append(None)
+                cols["head"].append(head)
                 cols["position"].append(tpos)
                 cols["source_position"].append(spos)
                 if tpos is not None:

@@ -102,8 +102,11 @@ class PatchGrid:
             [self.analysis_id],
         )
 
-    def plot(self, path: str | os.PathLike[str]) -> Path:
+    def plot(self, path: str | os.PathLike[str], *, head_position: int = -1) -> Path:
         """The layer x position heatmap (PNG), one panel per hook kind.
+
+        Cells patched per head get a layer x head panel per hook kind instead, at
+        position ``head_position`` from the end (-1: the last prompt token).
 
         Example
         -------
@@ -112,7 +115,7 @@ class PatchGrid:
         """
         from actstore.patching.plot import plot_grid
 
-        return plot_grid(self.summary().arrow(), path, title=self.name)
+        return plot_grid(self.summary().arrow(), path, title=self.name, head_position=head_position)
 
 
 def load_grid(store: Store | str | os.PathLike[str], name: str) -> PatchGrid:
