@@ -10,7 +10,10 @@ A (262144, 768) float16 run (384 MiB) is written once; then, in paired rounds,
 * ``Store.batches`` (shuffle: 256-row blocks, 65536-row buffer) and
   ``Store.batches(shuffle=False)``, batch 4096, float32 tensors.
 
-Each timed call streams 3 epochs (one ``Store.batches`` call, as a trainer
+Both wall-clock and process CPU time are recorded (the ``cpu_`` entries): on a
+shared, loaded machine wall time mostly measures the scheduler, while the
+single-threaded (``torch.set_num_threads(1)``) CPU time of the same paired calls
+measures what each reader costs. Each timed call streams 3 epochs (one ``Store.batches`` call, as a trainer
 consumes it, so its setup, a few catalog reads, is paid once). Rows/s are the median of the paired rounds; the goal is ``Store.batches`` at
 least 0.5x the shuffled memmap read (so that an SAE trainer never waits for the
 store). The store's first pass verifies each chunk's crc32c; it is warmed up
@@ -109,13 +112,16 @@ def main() -> None:
         for fn in cases.values():  # warm: page cache, crc32c verification, imports
             assert fn(0) == EPOCHS * args.rows
         times: dict[str, list[float]] = {k: [] for k in cases}
+        cpu: dict[str, list[float]] = {k: [] for k in cases}
         for r in range(args.rounds):
             for name, fn in cases.items():
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 fn(r + 1)
                 times[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
     rate = {k: EPOCHS * args.rows / statistics.median(v) for k, v in times.items()}
-    base = rate["memmap, shuffled blocks"]
+    cpu_rate = {k: EPOCHS * args.rows / statistics.median(v) for k, v in cpu.items()}
+    base, cpu_base = rate["memmap, shuffled blocks"], cpu_rate["memmap, shuffled blocks"]
     result = {
         "rows": args.rows,
         "d": args.d,
@@ -126,13 +132,18 @@ def main() -> None:
         "epochs_per_call": EPOCHS,
         "rows_per_s": rate,
         "ratio_vs_shuffled_memmap": {k: v / base for k, v in rate.items()},
+        "cpu_rows_per_s": cpu_rate,
+        "cpu_ratio_vs_shuffled_memmap": {k: v / cpu_base for k, v in cpu_rate.items()},
         "seconds": times,
+        "cpu_seconds": cpu,
     }
     out = HERE / "results" / "stream.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print("| reader | rows/s | / shuffled memmap |\n|---|---:|---:|")
+    print("| reader | rows/s | / shuffled memmap | CPU rows/s | / shuffled memmap (CPU) |")
+    print("|---|---:|---:|---:|---:|")
     for k, v in rate.items():
-        print(f"| {k} | {v:,.0f} | {v / base:.2f}x |")
+        c = cpu_rate[k]
+        print(f"| {k} | {v:,.0f} | {v / base:.2f}x | {c:,.0f} | {c / cpu_base:.2f}x |")
 
 
 if __name__ == "__main__":

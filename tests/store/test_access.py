@@ -156,3 +156,27 @@ def test_corrupt_shard_index_and_truncation(tmp_path):
     assert "chunk 6 (rows 96-111, in shard file c/1/0)" in msg and "shard index" in msg
     shard.write_bytes(bytes(raw[: len(raw) // 2]))  # truncated
     _same_error(fresh, np.array([65]))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_torch_and_numpy_gathers_give_the_same_bytes(tmp_path, monkeypatch, dtype):
+    """Packed shards are gathered by torch.index_select when torch is imported, else numpy."""
+    import sys
+
+    layout = arrays.Layout(8, 32, "none")
+    arr = arrays.create_array(tmp_path, "x", d=5, dtype=dtype, capacity=0, layout=layout)
+    data = np.random.default_rng(0).standard_normal((200, 5)).astype(arrays.STORE_DTYPES[dtype])
+    arrays.write_rows(arr, 0, data)
+    arr = arrays.open_array(tmp_path, "x", mode="r")
+    rows = np.random.default_rng(1).integers(0, 200, 300)  # unsorted, repeats, every shard
+    access.clear_cache()
+    with_torch = access.read_rows(arr, rows)
+    assert any(sh.rows_t is not None for sh in access._SHARDS.values())
+    access.clear_cache()
+    monkeypatch.setitem(sys.modules, "torch", None)
+    without = access.read_rows(arr, rows)
+    assert all(sh.rows_t is None for sh in access._SHARDS.values())
+    monkeypatch.undo()
+    access.clear_cache()
+    np.testing.assert_array_equal(with_torch.view(np.uint8), data[rows].view(np.uint8))
+    np.testing.assert_array_equal(without.view(np.uint8), data[rows].view(np.uint8))
