@@ -380,3 +380,29 @@ def tl_twin(model: PreTrainedModel) -> Any:
         assert name.rsplit(".", 1)[-1].startswith("b_"), name
         assert not params[name].any(), name
     return tl.eval()
+
+
+def tl_pairs(model_dirs: dict[str, Path]) -> dict[str, tuple[Any, Any]]:
+    """Family -> (HF model loaded from its directory, its TransformerLens twin)."""
+    from transformers import AutoModelForCausalLM
+
+    out = {}
+    for family, d in model_dirs.items():
+        hf = AutoModelForCausalLM.from_pretrained(d).eval()
+        out[family] = (hf, tl_twin(hf))
+    return out
+
+
+def tl_cache(
+    models: dict[str, tuple[Any, Any]], prompts: tuple[str, ...], hooks: list[str]
+) -> dict[str, list[dict[str, torch.Tensor]]]:
+    """Family -> per prompt, TL hook name -> its value for one unpadded prompt (batch dim dropped)."""
+    tok = tiny_tokenizer()
+    ref: dict[str, list[dict[str, torch.Tensor]]] = {}
+    for family, (_, tl) in models.items():
+        ref[family] = []
+        for prompt in prompts:
+            ids = torch.tensor([tok(prompt)["input_ids"]])
+            _, cache = tl.run_with_cache(ids, names_filter=hooks)
+            ref[family].append({h: cache[h][0] for h in hooks})
+    return ref

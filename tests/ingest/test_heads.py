@@ -28,7 +28,15 @@ from actstore.ingest.heads import (
     head_layout,
 )
 from actstore.ingest.hooks import adapter_for, capture, expand_hooks, intervene, run_capture
-from tests.helpers.tiny import D_HEAD, N_HEADS, N_LAYERS, TINY_FAMILIES, tiny_tokenizer, tl_twin
+from tests.helpers.tiny import (
+    D_HEAD,
+    N_HEADS,
+    N_LAYERS,
+    TINY_FAMILIES,
+    tiny_tokenizer,
+    tl_cache,
+    tl_pairs,
+)
 
 PROMPTS = (
     "the cat sat on a mat",
@@ -40,25 +48,14 @@ HEAD_HOOKS = expand_hooks([f"blocks.*.{kind}" for kind in HEAD_KINDS], N_LAYERS)
 
 @pytest.fixture(scope="module")
 def models(tiny_model_dirs: dict[str, Path]) -> dict[str, tuple[Any, Any]]:
-    out = {}
-    for family, d in tiny_model_dirs.items():
-        hf = AutoModelForCausalLM.from_pretrained(d).eval()
-        out[family] = (hf, tl_twin(hf))
-    return out
+    """Family -> (HF model loaded from its directory, its TransformerLens twin)."""
+    return tl_pairs(tiny_model_dirs)
 
 
 @pytest.fixture(scope="module")
 def tl_reference(models: dict[str, tuple[Any, Any]]) -> dict[str, list[dict[str, torch.Tensor]]]:
-    """Family -> per prompt, hook -> TL's value for one unpadded prompt (batch dim dropped)."""
-    tok = tiny_tokenizer()
-    ref: dict[str, list[dict[str, torch.Tensor]]] = {}
-    for family, (_, tl) in models.items():
-        ref[family] = []
-        for prompt in PROMPTS:
-            ids = torch.tensor([tok(prompt)["input_ids"]])
-            _, cache = tl.run_with_cache(ids, names_filter=HEAD_HOOKS)
-            ref[family].append({h: cache[h][0] for h in HEAD_HOOKS})
-    return ref
+    """Family -> per prompt, TL hook name -> its value for one unpadded prompt."""
+    return tl_cache(models, PROMPTS, HEAD_HOOKS)
 
 
 def _as_tl(hook: str, got: torch.Tensor, n_heads: int) -> torch.Tensor:

@@ -27,7 +27,15 @@ from actstore.ingest.hooks import (
     parse_hook,
     run_capture,
 )
-from tests.helpers.tiny import D_MLP, D_MODEL, N_LAYERS, TINY_FAMILIES, tiny_tokenizer, tl_twin
+from tests.helpers.tiny import (
+    D_MLP,
+    D_MODEL,
+    N_LAYERS,
+    TINY_FAMILIES,
+    tiny_tokenizer,
+    tl_cache,
+    tl_pairs,
+)
 
 PROMPTS = (
     "the cat sat on a mat",
@@ -41,25 +49,13 @@ ALL_HOOKS = expand_hooks([f"blocks.*.{kind}" for kind in HOOK_KINDS], N_LAYERS)
 @pytest.fixture(scope="module")
 def models(tiny_model_dirs: dict[str, Path]) -> dict[str, tuple[Any, Any]]:
     """Family -> (HF model loaded from its directory, its TransformerLens twin)."""
-    out = {}
-    for family, d in tiny_model_dirs.items():
-        hf = AutoModelForCausalLM.from_pretrained(d).eval()
-        out[family] = (hf, tl_twin(hf))
-    return out
+    return tl_pairs(tiny_model_dirs)
 
 
 @pytest.fixture(scope="module")
 def tl_reference(models: dict[str, tuple[Any, Any]]) -> dict[str, list[dict[str, torch.Tensor]]]:
-    """Family -> per prompt, TL hook name -> acts_SD, from unpadded single prompts."""
-    tok = tiny_tokenizer()
-    ref: dict[str, list[dict[str, torch.Tensor]]] = {}
-    for family, (_, tl) in models.items():
-        ref[family] = []
-        for prompt in PROMPTS:
-            ids = torch.tensor([tok(prompt)["input_ids"]])
-            _, cache = tl.run_with_cache(ids, names_filter=ALL_HOOKS)
-            ref[family].append({h: cache[h][0] for h in ALL_HOOKS})
-    return ref
+    """Family -> per prompt, TL hook name -> its value for one unpadded prompt."""
+    return tl_cache(models, PROMPTS, ALL_HOOKS)
 
 
 def _hook_count(model: nn.Module) -> int:
