@@ -71,12 +71,22 @@ from actstore.ingest.shards import Shard, job_run_names, shard_batches
 from actstore.ingest.summary import IngestSummary, RunSummary
 from actstore.ingest.token_kl import TokenDiffs, check_store
 from actstore.store import objects
+from actstore.store.arrays import import_zarr
 
 TORCH_STORE = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 _NEW_KEYS = ("match", "mode")
 """Scorer fields added later: left out of the job hash while unset (old runs still resume)."""
+
+
+_ROWS = "SELECT coalesce(max(n_rows), 0) FROM arrays WHERE run_id = ?"
+
+
+def _catalog_value(st: Any, query: str, params: list[Any]) -> Any:
+    """The first value of a catalog query (None if no row), without opening a SQL session."""
+    rows = st.catalog.read(query, params).to_pylist()
+    return next(iter(rows[0].values())) if rows else None
 
 
 def _metrics(p: Plan, edit: EditContext | None) -> tuple[Any, ...]:
@@ -181,10 +191,10 @@ def _ingest_run(
         widths.update({h: int(a.shape[-1]) for h, a in acts.items()})
     parent = None
     if edit is not None:
-        hit = st.sql(
-            "SELECT run_id FROM runs WHERE name = ?", [f"{ck.label}/{ps.spec.name}"]
-        ).fetchall()
-        parent = int(hit[0][0]) if hit else None
+        hit = _catalog_value(
+            st, "SELECT run_id FROM runs WHERE name = ?", [f"{ck.label}/{ps.spec.name}"]
+        )
+        parent = int(hit) if hit is not None else None
     job_hash = _job_hash(p, ck.weights_hash, ps, edit)
     shard_record = (
         {}
@@ -244,12 +254,10 @@ def _ingest_run(
             **shard_record,
         },
     )
-    status = st.sql("SELECT status FROM runs WHERE run_id = ?", [rid]).fetchall()[0][0]
+    status = _catalog_value(st, "SELECT status FROM runs WHERE run_id = ?", [rid])
     n_prompts = len(ps.tokenized)
     if status == "complete":
-        rows = st.sql(
-            "SELECT coalesce(max(n_rows), 0) FROM arrays WHERE run_id = ?", [rid]
-        ).fetchall()[0][0]
+        rows = _catalog_value(st, _ROWS, [rid])
         return RunSummary(name, "already complete", n_prompts, 0, int(rows), 0, 0.0)
     sae_ids = {
         s.name: objects.add_sae(
@@ -382,11 +390,7 @@ def _ingest_run(
         raise
     bar.close()
     objects.finish_run(st, rid)
-    rows = int(
-        st.sql("SELECT coalesce(max(n_rows), 0) FROM arrays WHERE run_id = ?", [rid]).fetchall()[0][
-            0
-        ]
-    )
+    rows = int(_catalog_value(st, _ROWS, [rid]))
     size = st.location.size(f"arrays/run{rid:06d}") + st.location.size(f"features/run{rid:06d}")
     return RunSummary(
         name,
@@ -512,6 +516,7 @@ def _run_all(
     quiet: bool,
     t0: float,
 ) -> IngestSummary:
+    import_zarr()  # once, as the models load: not on the first run's clock
     model_id = objects.add_model(
         st,
         name=model_name,

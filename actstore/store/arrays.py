@@ -201,6 +201,19 @@ def create_array(
     )
 
 
+def import_zarr() -> None:
+    """Import zarr now: a writer calls it before its clock starts, as it loads its model.
+
+    zarr (about 0.1 s of imports) is otherwise imported when the first array is
+    created or opened, so light commands (``actstore sql``) never import it.
+
+    Example
+    -------
+    >>> import_zarr()
+    """
+    import zarr  # noqa: F401
+
+
 def create_group(
     root: str | Path | Location, relpath: str, attributes: dict[str, Any] | None = None
 ) -> None:

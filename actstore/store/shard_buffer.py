@@ -3,7 +3,7 @@
 :class:`~actstore.store.writer.RunWriter` copies (and casts) every batch's rows straight
 into its hook's buffer and writes a shard as soon as it is full, so writing allocates
 nothing per batch or per shard; peak memory does not grow with the rows written, with
-the allocator's default settings (see :func:`actstore.store.writer.release_freed_memory`).
+the allocator's default settings (see :mod:`actstore.store.heap`).
 
 Example
 -------
@@ -37,7 +37,7 @@ class HookBuffer:
     Rows are copied (and cast) straight into one buffer allocated once per writer and
     hook; a full shard is written from it and the buffer starts over. No per-batch or
     per-shard allocations, so the heap does not grow with the rows written, whatever
-    the allocator's thresholds (see :func:`actstore.store.writer.release_freed_memory`).
+    the allocator's thresholds (see :mod:`actstore.store.heap`).
     """
 
     arr: zarr.Array

@@ -34,8 +34,6 @@ Example
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import fcntl
 import os
 import time
@@ -51,6 +49,7 @@ from actstore.errors import InputError, ReadOnlyError
 from actstore.store import arrays as _arrays
 from actstore.store import features as _features
 from actstore.store import hookstats as _hookstats
+from actstore.store.heap import HeapBound
 from actstore.store.part_check import checksum
 from actstore.store.shard_buffer import HookBuffer as _HookBuffer
 
@@ -87,34 +86,37 @@ class _Pending:
     other: dict[str, pa.Table] = field(default_factory=dict)
 
 
-def _libc_malloc_trim() -> Callable[[int], int] | None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim: Callable[[int], int] = libc.malloc_trim
-        return trim
-    except (OSError, AttributeError):
-        return None
+_WRITE_THREADS = max(1, min(4, os.cpu_count() or 1))
+"""Threads writing the hooks' open shards at a flush (file writes and crc32c release the GIL)."""
 
 
-_MALLOC_TRIM = _libc_malloc_trim()
+def _write_open_shards(bufs: Sequence[_HookBuffer], partial: bool) -> list[bool]:
+    """``buf.write(partial)`` for every hook, several hooks at once when they all write.
 
-
-def release_freed_memory() -> None:
-    """Give freed heap memory back to the OS (glibc), once per shard written.
-
-    The writer's own shard buffers are allocated once and reused (see ``_HookBuffer``);
-    the batches' transient arrays (statistics, host copies) are freed into glibc's
-    arenas, which keep what they free, so once per shard (every few dozen batches) the
-    free pages go back. Nothing changes the allocator's settings for the process: a low
-    ``M_MMAP_THRESHOLD`` would make every large tensor of the model a fresh mapping,
-    faulted in and zeroed, on every batch.
-
-    Example
-    -------
-    >>> release_freed_memory()
+    At a commit (every ``commit_interval`` seconds) and at :meth:`RunWriter.close`
+    each hook writes its open shard: on the close of a run that is time nothing else
+    overlaps, so the hooks' files are written by a few threads at once.
     """
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
+    if not partial or len(bufs) < 2 or _WRITE_THREADS < 2:
+        return [b.write(partial) for b in bufs]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(_WRITE_THREADS, thread_name_prefix="actstore-shards") as pool:
+        return list(pool.map(lambda b: b.write(partial), bufs))
+
+
+def _run_state(store: Store, run_id: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The run's arrays and its last committed batch and row, in one catalog read."""
+    got = store.catalog.read(
+        """SELECT 'a' AS k, hook, path, n_rows, shard_rows FROM arrays WHERE run_id = $r
+           UNION ALL
+           SELECT 'b', NULL, NULL, coalesce(max(batch_idx), -1),
+                  coalesce(max(first_row + n_rows), 0) FROM batches WHERE run_id = $r
+           ORDER BY k, hook""",
+        {"r": run_id},
+    ).to_pylist()
+    b = got.pop()
+    return got, {"b": b["n_rows"], "r": b["shard_rows"]}
 
 
 def _as_table(data: pa.Table | Mapping[str, Any] | None, what: str) -> pa.Table | None:
@@ -158,15 +160,7 @@ class RunWriter:
         self.run_id = run_id
         self.commit_interval = commit_interval
         self._before_commit: Callable[[], None] | None = None  # test hook: kill point
-        info = store.catalog.read(
-            "SELECT hook, path, n_rows, shard_rows FROM arrays WHERE run_id = ? ORDER BY hook",
-            [run_id],
-        ).to_pylist()
-        last = store.catalog.read(
-            "SELECT coalesce(max(batch_idx), -1) AS b, coalesce(max(first_row + n_rows), 0) AS r "
-            "FROM batches WHERE run_id = ?",
-            [run_id],
-        ).to_pylist()[0]
+        info, last = _run_state(store, run_id)
         self.next_batch = int(last["b"]) + 1
         self.committed_rows = int(last["r"])
         self._buffers: dict[str, _HookBuffer] = {}
@@ -188,6 +182,7 @@ class RunWriter:
         self._durable: list[tuple[list[_Pending], list[dict[str, Any]]]] = []
         self._next_row = self.committed_rows
         self._last_commit = time.monotonic()
+        self._heap = HeapBound()
 
     @property
     def hooks(self) -> list[str]:
@@ -332,12 +327,14 @@ class RunWriter:
     def _flush(self, partial: bool) -> int:
         """Write what fills whole shards (everything if ``partial``); commit if it is time."""
         if self._pending:
-            wrote = False
+            wrote = any(_write_open_shards(list(self._buffers.values()), partial))
             for buf in self._buffers.values():
-                wrote = buf.write(partial) or buf.wrote or wrote
+                wrote = buf.wrote or wrote
                 buf.wrote = False
             if wrote:  # once per shard: what the batches freed goes back to the OS
-                release_freed_memory()
+                self._heap.release()
+            else:  # and whenever it grew by more than the bound (actstore.store.heap)
+                self._heap.after_batch()
             durable = min((b.disk_rows for b in self._buffers.values()), default=self._next_row)
             ready = [p for p in self._pending if p.first_row + p.n_rows <= durable]
             if ready:

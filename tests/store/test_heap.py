@@ -1,0 +1,89 @@
+"""The heap bound gives freed heap pages back: measured against the kernel's own accounting."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from actstore.store import heap
+
+pytestmark = pytest.mark.skipif(
+    not Path("/proc/self/statm").exists() or heap._MALLOC_TRIM is None,
+    reason="needs Linux /proc and glibc's malloc_trim",
+)
+
+
+def _rss_anon_status() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no RssAnon in /proc/self/status")
+
+
+def test_resident_anon_is_the_kernels_rss_anon() -> None:
+    a = heap.resident_anon_bytes()
+    b = _rss_anon_status()
+    assert a is not None
+    assert abs(a - b) < 8 << 20  # read a moment apart
+
+
+# In a fresh interpreter (a heap of its own): touch 2000 blocks of 64 KiB from the main
+# arena (below the mmap threshold), pin the heap's top with one more block, free the
+# blocks. glibc keeps the freed, touched pages (they are not at the top), so the
+# process's RssAnon stays up until the bound releases them.
+CHILD = r"""
+import ctypes, ctypes.util, json, sys
+sys.path[:0] = [sys.argv[1]]
+from actstore.store import heap
+libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+
+def anon():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+
+out = {}
+lazy = heap.HeapBound(slack=1 << 40)
+bound = heap.HeapBound(slack=64 << 20)
+blocks = [libc.malloc(64 << 10) for _ in range(2000)]
+for b in blocks:
+    ctypes.memset(b, 1, 64 << 10)
+pin = libc.malloc(64 << 10)
+ctypes.memset(pin, 1, 64 << 10)
+for b in blocks:
+    libc.free(b)
+out["freed"] = anon()
+out["lazy_released"] = lazy.after_batch()
+out["after_lazy"] = anon()
+out["bound_released"] = bound.after_batch()
+out["after_bound"] = anon()
+out["releases"] = bound.releases
+print(json.dumps(out))
+"""
+
+
+def test_bound_releases_touched_free_pages_and_only_past_its_slack() -> None:
+    root = str(Path(__file__).resolve().parents[2])
+    got = subprocess.run(
+        [sys.executable, "-c", CHILD, root], capture_output=True, text=True, check=True
+    )
+    m = json.loads(got.stdout)
+    # a bound of 1 TiB is not reached: nothing is released, the pages stay resident
+    assert m["lazy_released"] is False
+    assert m["after_lazy"] > m["freed"] - (8 << 20)
+    # 125 MiB of freed, touched pages exceed a 64 MiB bound: released to the OS
+    assert m["bound_released"] is True and m["releases"] == 1
+    assert m["after_bound"] < m["freed"] - (100 << 20)
+
+
+def test_release_measures_the_new_level() -> None:
+    b = heap.HeapBound(slack=1 << 40)
+    b.release()
+    assert b.releases == 1
+    assert b.after_batch() is False  # just released: nothing has grown past the bound
