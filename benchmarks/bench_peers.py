@@ -7,8 +7,9 @@ with a word-level tokenizer. Every contender captures every layer's ``resid_post
 of the same token ids (``--prompts`` x ``--seq``, the first a BOS, no padding), in batches of
 ``--batch``, with the same torch thread count, and writes float16 to disk:
 
-* ``bare body``: ``model.transformer(ids)``, no capture, no final LM head: **the baseline**;
-* ``bare full``: ``model(ids)``, the same with the LM head (logits);
+* ``bare body``: ``model.transformer(ids, use_cache=False)``, no capture, no final LM head, no
+  KV cache filled (the least work a forward pass can do): **the baseline**;
+* ``bare full``: ``model(ids, use_cache=False)``, the same with the LM head (logits);
 * ``HF hidden states``: ``model(ids, output_hidden_states=True)`` + ``np.save`` of each layer
   (what a notebook does);
 * ``nnsight``: ``NNsight(model).trace(ids)`` with ``model.transformer.h[l].output.save()`` for
@@ -22,6 +23,9 @@ of the same token ids (``--prompts`` x ``--seq``, the first a BOS, no padding), 
   loops the runner over all 12 hooks (the model loaded once per hook, as a user's loop does);
 * ``actstore ingest (CLI)``: ``python -m actstore.cli ingest job.toml`` (its run time is the
   ``seconds`` column it prints, 0.1 s resolution);
+
+  (the peers run as their users call them, with the model's defaults: HF hidden states and
+  nnsight, which calls the HF model, fill its KV cache; actstore's capture pass does not);
 * ``actstore run_job``: ``run_job(IngestJob)`` in Python;
 * ``actstore layers 0-3``: ``run_job`` capturing only ``blocks.0-3.hook_resid_post``.
 

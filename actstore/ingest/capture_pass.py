@@ -229,6 +229,9 @@ def forward_batch(
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """One batch's capture pass: up to the last hook, or (``logits``) the whole model.
 
+    The pass builds no KV cache (``use_cache=False``): nothing decodes after it, and
+    filling the cache copies every layer's keys and values.
+
     Parameters
     ----------
     model
@@ -249,6 +252,7 @@ def forward_batch(
     -------
     >>> acts, logits_BSV = forward_batch(model, hooks, inputs, logits=True)  # doctest: +SKIP
     """
+    inputs = {**inputs, "use_cache": False}  # nothing reads a KV cache of the capture pass
     if not logits:
         return run_capture(model, hooks, **inputs), None
     with capture(model, hooks) as hooked:
