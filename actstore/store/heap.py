@@ -92,7 +92,7 @@ class HeapBound:
     Parameters
     ----------
     slack
-        Bytes of growth allowed between releases (:data:`DEFAULT_SLACK`).
+        Bytes of growth allowed between releases (default :data:`DEFAULT_SLACK`).
 
     Example
     -------
@@ -100,8 +100,8 @@ class HeapBound:
     True
     """
 
-    def __init__(self, slack: int = DEFAULT_SLACK) -> None:
-        self.slack = slack
+    def __init__(self, slack: int | None = None) -> None:
+        self.slack = DEFAULT_SLACK if slack is None else slack
         self.releases = 0
         self._base = resident_anon_bytes()
 
