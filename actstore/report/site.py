@@ -31,7 +31,6 @@ report demo-out/report: 35 pages (35 written, 0 unchanged, 0 removed) in 9.8 s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -48,14 +47,32 @@ from actstore.report import data as D
 from actstore.report import features as F
 from actstore.report import figures
 from actstore.report import prompts as P
+from actstore.report.render import (
+    LAYOUT_VERSION,
+    TEMPLATES,
+    analysis_page,
+    digest,
+    environment,
+    feature_page,
+    prompt_page,
+    shade,
+    write,
+)
 from actstore.store.store import Store
 
+__all__ = [
+    "LAYOUT_VERSION",
+    "MANIFEST",
+    "ReportOptions",
+    "ReportSummary",
+    "analysis_page",
+    "build_report",
+    "feature_page",
+    "prompt_page",
+    "shade",
+]
+
 MANIFEST = "manifest.json"
-_TEMPLATES = Path(__file__).parent / "templates"
-#: A hash of the templates: part of every page's key, so a changed layout rebuilds every page.
-LAYOUT_VERSION = hashlib.sha256(
-    b"".join(p.name.encode() + p.read_bytes() for p in sorted(_TEMPLATES.iterdir()))
-).hexdigest()[:12]
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,44 +133,6 @@ class ReportSummary:
         )
 
 
-def _env() -> Any:
-    import jinja2
-
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(_TEMPLATES)),
-        autoescape=True,
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=False,
-    )
-    env.globals["shade"] = shade
-    return env
-
-
-def shade(value: float | None, scale: float | None) -> str:
-    """CSS colour of a token: red for positive values, blue for negative, by ``|value| / scale``.
-
-    Example
-    -------
-    >>> shade(0.5, 1.0), shade(None, 1.0)
-    ('rgba(220, 40, 40, 0.450)', 'transparent')
-    """
-    if value is None or not scale:
-        return "transparent"
-    a = min(1.0, abs(float(value)) / scale) * 0.9
-    return f"rgba(220, 40, 40, {a:.3f})" if value > 0 else f"rgba(40, 90, 220, {a:.3f})"
-
-
-def _digest(obj: Any) -> str:
-    text = json.dumps([LAYOUT_VERSION, actstore.__version__, obj], sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:20]
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _check_out_dir(out: Path) -> dict[str, Any]:
     if out.exists() and not out.is_dir():
         raise InputError(f"report output {out} is a file; give a directory (-o DIR)")
@@ -184,7 +163,7 @@ class _Site:
         self.out = out
         self.old: dict[str, Any] = old["pages"]
         self.pages: dict[str, dict[str, Any]] = {}
-        self.env = _env()
+        self.env = environment()
         seq = store.sql("SELECT value FROM meta WHERE key = 'commit_seq'").fetchall()
         self.commit_seq = seq[0][0] if seq else "?"
         self.common = {"version": actstore.__version__}
@@ -206,9 +185,9 @@ class _Site:
         self, page: str, key: str, template: str, context: dict[str, Any], svgs: dict[str, str]
     ) -> None:
         for name, svg in svgs.items():
-            _write(self.out / name, svg)
+            write(self.out / name, svg)
         html = self.env.get_template(template).render(**self.common, **context)
-        _write(self.out / page, html)
+        write(self.out / page, html)
         self.pages[page] = {"key": key, "files": sorted(svgs)}
         self.summary.written.append(page)
 
@@ -219,48 +198,15 @@ class _Site:
                 if f not in keep and (self.out / f).exists():
                     (self.out / f).unlink()
                     self.summary.removed.append(f)
-        css = (_TEMPLATES / "style.css").read_text()
+        css = (TEMPLATES / "style.css").read_text()
         if not (self.out / "style.css").exists() or (self.out / "style.css").read_text() != css:
-            _write(self.out / "style.css", css)
+            write(self.out / "style.css", css)
         manifest = json.dumps(
             {"layout": LAYOUT_VERSION, "pages": self.pages}, indent=1, sort_keys=True
         )
         path = self.out / MANIFEST
         if not path.exists() or path.read_text() != manifest:
-            _write(path, manifest)
-
-
-def analysis_page(aid: int) -> str:
-    """File name of an analysis page.
-
-    Example
-    -------
-    >>> analysis_page(3)
-    'analysis-3.html'
-    """
-    return f"analysis-{aid}.html"
-
-
-def feature_page(ref: F.FeatureRef) -> str:
-    """File name of a feature page.
-
-    Example
-    -------
-    >>> feature_page(F.FeatureRef("l2 resid", 1, 206, ""))
-    'feature-l2_resid-206.html'
-    """
-    return f"feature-{ref.slug}.html"
-
-
-def prompt_page(prompt_set: str, idx: int) -> str:
-    """File name of a prompt page.
-
-    Example
-    -------
-    >>> prompt_page("pairs", 7)
-    'prompt-pairs-7.html'
-    """
-    return f"prompt-{D.safe_name(prompt_set)}-{idx}.html"
+            write(path, manifest)
 
 
 def build_report(
@@ -347,7 +293,7 @@ def build_report(
 def _analysis(site: _Site, aid: int) -> None:
     rec = D.analysis_record(site.store, aid)
     page = analysis_page(aid)
-    key = _digest(rec)
+    key = digest(rec)
     if site.unchanged(page, key):
         return
     secs = A.analysis_sections(site.store, rec)
@@ -453,7 +399,7 @@ def _features(site: _Site, feats: list[F.FeatureRef], fdata: dict[F.FeatureRef, 
             "prev": feature_page(feats[i - 1]) if i > 0 else None,
             "next": feature_page(feats[i + 1]) if i + 1 < len(feats) else None,
         }
-        key = _digest([d, lens_key, lens_note, matches, nav])
+        key = digest([d, lens_key, lens_note, matches, nav])
         if site.unchanged(page, key):
             continue
         lens = None
@@ -501,7 +447,7 @@ def _features(site: _Site, feats: list[F.FeatureRef], fdata: dict[F.FeatureRef, 
 def _prompt(site: _Site, d: dict[str, Any], page: str, feat: F.FeatureRef | None) -> None:
     sid, idx = d["prompt_set_id"], d["prompt_idx"]
     feature_href = feature_page(feat) if feat is not None else None
-    key = _digest([d, feature_href])
+    key = digest([d, feature_href])
     if site.unchanged(page, key):
         return
     projs = [abs(t["proj"]) for r in d["runs"] for t in r["tokens"] if t["proj"] is not None]
@@ -597,7 +543,7 @@ def _index(
         ],
         "analysis_hrefs": analysis_hrefs,
     }
-    key = _digest([context, str(site.store.root)])
+    key = digest([context, str(site.store.root)])
     if not site.unchanged("index.html", key):
         where = {"commit_seq": site.commit_seq, "store": str(site.store.root)}
         site.page("index.html", key, "index.html", {**context, **where}, {})
