@@ -47,6 +47,7 @@ from actstore.report import data as D
 from actstore.report import features as F
 from actstore.report import figures
 from actstore.report import prompts as P
+from actstore.report.logit_lens import lens_rows, lens_source
 from actstore.report.render import (
     LAYOUT_VERSION,
     TEMPLATES,
@@ -319,56 +320,6 @@ def _analysis(site: _Site, aid: int) -> None:
     site.page(page, key, "analysis.html", context, svgs)
 
 
-def _lens_source(
-    site: _Site, ref: F.FeatureRef, decoder: np.ndarray | None, why_not: str | None
-) -> tuple[str | None, str | None, Any]:
-    """(checkpoint path, None) for the logit lens of a feature, or (None, why not); and a key.
-
-    The key (SAE and checkpoint weights hashes, the feature) stands for the lens
-    rows, so an unchanged page is recognised without loading the model.
-    """
-    if decoder is None:
-        return None, f"no decoder: {why_not}", None
-    got = site.store.sql(
-        """SELECT c.path, c.weights_hash, s.hook, s.weights_hash FROM feature_files f
-           JOIN runs r USING (run_id) JOIN checkpoints c USING (checkpoint_id)
-           JOIN saes s ON s.sae_id = f.sae_id
-           WHERE f.sae_id = ? AND r.edit_id IS NULL
-           ORDER BY r.name IS DISTINCT FROM ?, r.run_id LIMIT 1""",
-        [ref.sae_id, ref.run],
-    ).fetchall()
-    if not got or not got[0][0] or not Path(got[0][0]).exists():
-        return None, "no local checkpoint recorded for the runs of this SAE", None
-    path, ckpt_hash, hook, sae_hash = got[0]
-    if "resid" not in str(hook):
-        note = f"{hook} is not the residual stream; the logit lens reads residual directions"
-        return None, note, None
-    return str(path), None, [str(path), ckpt_hash, sae_hash, ref.feature]
-
-
-def _lens_rows(cache: dict[str, Any], path: str, row_D: np.ndarray) -> tuple[Any, str | None]:
-    """The top and bottom tokens of a decoder row through a checkpoint's unembedding."""
-    from actstore.analysis.lens import _load_model, _load_tokenizer, _vocab, direction_logits
-
-    if path not in cache:
-        model, _ = _load_model(path)
-        config: Any = model.config
-        cache[path] = (model, _vocab(_load_tokenizer(None, path), int(config.vocab_size)))
-    model, vocab = cache[path]
-    try:
-        logits = direction_logits(model, row_D[None, :])[0]
-    except InputError as e:
-        return None, str(e)
-    top = np.argsort(-logits, kind="stable")[:10]
-    bottom = np.argsort(logits, kind="stable")[:10]
-    tok = (lambda i: vocab[i]) if vocab else (lambda i: f"id {i}")
-    rows = [
-        [i, tok(int(t)), float(logits[t]), tok(int(b)), float(logits[b])]
-        for i, (t, b) in enumerate(zip(top, bottom, strict=True))
-    ]
-    return {"model": path, "rows": rows}, None
-
-
 def _features(site: _Site, feats: list[F.FeatureRef], fdata: dict[F.FeatureRef, Any]) -> None:
     decoders: dict[int, np.ndarray] = {}
     sae_names = {
@@ -383,8 +334,8 @@ def _features(site: _Site, feats: list[F.FeatureRef], fdata: dict[F.FeatureRef, 
     models: dict[str, Any] = {}
     for i, ref in enumerate(feats):
         d = fdata[ref]
-        lens_path, lens_note, lens_key = _lens_source(
-            site, ref, decoders.get(ref.sae_id), why_not[ref.sae_id]
+        lens_path, lens_note, lens_key = lens_source(
+            site.store, ref, decoders.get(ref.sae_id), why_not[ref.sae_id]
         )
         matches: list[dict[str, Any]] = []
         matches_note = "no other SAE of this width in the store"
@@ -404,7 +355,7 @@ def _features(site: _Site, feats: list[F.FeatureRef], fdata: dict[F.FeatureRef, 
             continue
         lens = None
         if lens_path is not None:
-            lens, lens_note = _lens_rows(models, lens_path, decoders[ref.sae_id][ref.feature])
+            lens, lens_note = lens_rows(models, lens_path, decoders[ref.sae_id][ref.feature])
         labels = d["labels"]
         runs = [r["run"] for r in d["by_run"]]
         series: dict[str, list[float | None]] = {"all tokens": [r["freq"] for r in d["by_run"]]}
