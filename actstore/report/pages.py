@@ -151,14 +151,7 @@ def write_features(site: Site, feats: list[F.FeatureRef], fdata: dict[F.FeatureR
             hist_name: figures.histogram(d["hist"], title=f"{title}, {ref.run or 'every run'}"),
             freq_name: figures.grouped_bars(runs, series, title=title, ylabel="firing frequency"),
         }
-        freq_columns = ["run", "tokens", "fired", "freq", "mean", "max"]
-        for c in labels:
-            freq_columns += [f"freq | {c}", f"freq | not {c}"]
-        freq_rows = [
-            [r["run"], r["n_tokens"], r["n_fired"], r["freq"], r["mean"], r["max"]]
-            + [x for c in labels for x in (r["by_label"][c]["true"], r["by_label"][c]["false"])]
-            for r in d["by_run"]
-        ]
+        freq_columns, freq_rows = _freq_table(d)
         top = max((c["value"] for c in d["contexts"]), default=0.0)
         context = {
             "title": title,
@@ -176,6 +169,20 @@ def write_features(site: Site, feats: list[F.FeatureRef], fdata: dict[F.FeatureR
             **nav,
         }
         site.page(page, key, "feature.html", context, svgs)
+
+
+def _freq_table(d: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """A feature page's firing table: a row per run, by every boolean label too."""
+    labels = d["labels"]
+    freq_columns = ["run", "tokens", "fired", "freq", "mean", "max"]
+    for c in labels:
+        freq_columns += [f"freq | {c}", f"freq | not {c}"]
+    freq_rows = [
+        [r["run"], r["n_tokens"], r["n_fired"], r["freq"], r["mean"], r["max"]]
+        + [x for c in labels for x in (r["by_label"][c]["true"], r["by_label"][c]["false"])]
+        for r in d["by_run"]
+    ]
+    return freq_columns, freq_rows
 
 
 def write_prompt(site: Site, d: dict[str, Any], page: str, feat: F.FeatureRef | None) -> None:
@@ -252,6 +259,38 @@ def write_index(
     """
     for a in d["analyses"]:
         a["href"] = analysis_hrefs[int(a["analysis_id"])]
+    prompt_links = _prompt_links(site, prompts)
+    feature_columns, rows = _feature_table(D.boolean_labels(site.store), feats, fdata)
+    behaviour_columns = list(d["behaviour"][0]) if d["behaviour"] else []
+    context = {
+        "title": "actstore report",
+        "nav": [],
+        "d": d,
+        "features": rows,
+        "feature_columns": feature_columns,
+        "features_why": feats[0].why
+        if feats
+        else "the store has no SAE features with a boolean label, or the query selected none",
+        "prompt_links": prompt_links,
+        "n_prompt_pages": len(prompts),
+        "behaviour_columns": behaviour_columns,
+        "behaviour_rows": [[r[c] for c in behaviour_columns] for r in d["behaviour"]],
+        "sae_rows": [
+            [s[c] for c in ("sae_id", "name", "hook", "layer", "d_in", "d_sae", "architecture")]
+            for s in d["saes"]
+        ],
+        "analysis_hrefs": analysis_hrefs,
+    }
+    key = digest([context, str(site.store.root)])
+    if not site.unchanged("index.html", key):
+        where = {"commit_seq": site.commit_seq, "store": str(site.store.root)}
+        site.page("index.html", key, "index.html", {**context, **where}, {})
+
+
+def _prompt_links(
+    site: Site, prompts: dict[tuple[int, int], str]
+) -> dict[int, list[dict[str, Any]]]:
+    """The index's links to the prompt pages, by prompt set, each with its prompt's text."""
     texts = {
         (int(s), int(i)): str(t)
         for s, i, t in site.store.sql(
@@ -269,7 +308,17 @@ def write_index(
                 "short": text[:48] + ("..." if len(text) > 48 else ""),
             }
         )
-    labels = D.boolean_labels(site.store)
+    return prompt_links
+
+
+def _feature_table(
+    labels: list[str], feats: list[F.FeatureRef], fdata: dict[F.FeatureRef, Any]
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """The index's feature table: columns, and a row per feature pooled over its runs.
+
+    With a boolean label, the firing frequency on tokens of prompts with and
+    without the first one.
+    """
     feature_columns = ["feature", "runs", "max", "freq (all runs)"]
     if labels:
         feature_columns += [f"freq | {labels[0]}", f"freq | not {labels[0]}"]
@@ -297,27 +346,4 @@ def write_index(
         rows.append(
             {"sae": ref.sae, "feature": ref.feature, "href": feature_page(ref), "extra": extra}
         )
-    behaviour_columns = list(d["behaviour"][0]) if d["behaviour"] else []
-    context = {
-        "title": "actstore report",
-        "nav": [],
-        "d": d,
-        "features": rows,
-        "feature_columns": feature_columns,
-        "features_why": feats[0].why
-        if feats
-        else "the store has no SAE features with a boolean label, or the query selected none",
-        "prompt_links": prompt_links,
-        "n_prompt_pages": len(prompts),
-        "behaviour_columns": behaviour_columns,
-        "behaviour_rows": [[r[c] for c in behaviour_columns] for r in d["behaviour"]],
-        "sae_rows": [
-            [s[c] for c in ("sae_id", "name", "hook", "layer", "d_in", "d_sae", "architecture")]
-            for s in d["saes"]
-        ],
-        "analysis_hrefs": analysis_hrefs,
-    }
-    key = digest([context, str(site.store.root)])
-    if not site.unchanged("index.html", key):
-        where = {"commit_seq": site.commit_seq, "store": str(site.store.root)}
-        site.page("index.html", key, "index.html", {**context, **where}, {})
+    return feature_columns, rows

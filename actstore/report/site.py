@@ -280,13 +280,7 @@ def build_report(
     # validate everything before writing anything
     old = _check_out_dir(out)
     feats = F.select_features(st, opts.features, k=opts.n_features)
-    direction = opts.direction
-    if direction is not None:
-        if not st.sql("SELECT 1 FROM directions WHERE name = ?", [direction]).fetchall():
-            names = [r[0] for r in st.sql("SELECT name FROM directions ORDER BY 1").fetchall()]
-            raise InputError(f"direction {direction!r} not in the store; directions: {names}")
-    else:
-        direction = P.default_direction(st)
+    direction = _direction(st, opts.direction)
     index = D.index_data(st)
     out.mkdir(parents=True, exist_ok=True)
     site = Site(st, out, old)
@@ -301,17 +295,7 @@ def build_report(
     fdata = {
         ref: F.feature_data(st, ref, contexts=opts.contexts, width=opts.width) for ref in feats
     }
-    prompts: dict[tuple[int, int], str] = {}
-    set_names = {int(s["prompt_set_id"]): str(s["name"]) for s in index["prompt_sets"]}
-    for s in index["prompt_sets"]:
-        sid = int(s["prompt_set_id"])
-        for i in range(min(opts.prompts_per_set, int(s["n_prompts"] or 0))):
-            prompts[(sid, i)] = prompt_page(set_names[sid], i)
-    for fd in fdata.values():
-        for c in fd["contexts"]:
-            key = (int(c["prompt_set_id"]), int(c["prompt_idx"]))
-            prompts.setdefault(key, prompt_page(set_names[key[0]], key[1]))
-            c["href"] = prompts[key]
+    prompts = _prompt_pages(index["prompt_sets"], fdata, opts.prompts_per_set)
     write_features(site, feats, fdata)
     by_set: dict[int, list[int]] = {}
     for sid, idx in prompts:
@@ -326,3 +310,35 @@ def build_report(
     site.finish()
     site.summary.seconds = time.monotonic() - t0
     return site.summary
+
+
+def _direction(store: Store, name: str | None) -> str | None:
+    """The direction that shades prompt pages: ``name``, checked to be stored, or the default."""
+    if name is None:
+        return P.default_direction(store)
+    if not store.sql("SELECT 1 FROM directions WHERE name = ?", [name]).fetchall():
+        names = [r[0] for r in store.sql("SELECT name FROM directions ORDER BY 1").fetchall()]
+        raise InputError(f"direction {name!r} not in the store; directions: {names}")
+    return name
+
+
+def _prompt_pages(
+    prompt_sets: list[dict[str, Any]], fdata: dict[F.FeatureRef, Any], per_set: int
+) -> dict[tuple[int, int], str]:
+    """The page of every prompt that gets one, by ``(prompt_set_id, prompt_idx)``.
+
+    The first ``per_set`` prompts of each set, then every prompt a feature page's
+    top contexts come from; each context gets the ``href`` of its prompt's page.
+    """
+    prompts: dict[tuple[int, int], str] = {}
+    set_names = {int(s["prompt_set_id"]): str(s["name"]) for s in prompt_sets}
+    for s in prompt_sets:
+        sid = int(s["prompt_set_id"])
+        for i in range(min(per_set, int(s["n_prompts"] or 0))):
+            prompts[(sid, i)] = prompt_page(set_names[sid], i)
+    for fd in fdata.values():
+        for c in fd["contexts"]:
+            key = (int(c["prompt_set_id"]), int(c["prompt_idx"]))
+            prompts.setdefault(key, prompt_page(set_names[key[0]], key[1]))
+            c["href"] = prompts[key]
+    return prompts
