@@ -66,6 +66,7 @@ __all__ = [
     "MANIFEST",
     "ReportOptions",
     "ReportSummary",
+    "Site",
     "analysis_page",
     "build_report",
     "feature_page",
