@@ -22,6 +22,11 @@ rebuild rewrites only pages whose content changed (and their figures), and
 removes pages that are no longer produced. Text from the store is escaped by
 Jinja2's autoescaping: a prompt containing ``<script>`` shows as text.
 
+This module runs a build (:func:`build_report`, :class:`Site`); the writer of each
+kind of page is in :mod:`actstore.report.pages` (the feature pages' logit lens in
+:mod:`actstore.report.logit_lens`), and templates, shading, page keys and file
+names in :mod:`actstore.report.render`.
+
 Example
 -------
 >>> summary = build_report("demo-out/store", "demo-out/report")  # doctest: +SKIP
@@ -31,7 +36,6 @@ report demo-out/report: 35 pages (35 written, 0 unchanged, 0 removed) in 9.8 s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -39,23 +43,38 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 import actstore
 from actstore.errors import InputError
-from actstore.report import analyses as A
 from actstore.report import data as D
 from actstore.report import features as F
-from actstore.report import figures
 from actstore.report import prompts as P
+from actstore.report.pages import write_analysis, write_features, write_index, write_prompt
+from actstore.report.render import (
+    LAYOUT_VERSION,
+    TEMPLATES,
+    analysis_page,
+    environment,
+    feature_page,
+    prompt_page,
+    shade,
+    write,
+)
 from actstore.store.store import Store
 
+__all__ = [
+    "LAYOUT_VERSION",
+    "MANIFEST",
+    "ReportOptions",
+    "ReportSummary",
+    "Site",
+    "analysis_page",
+    "build_report",
+    "feature_page",
+    "prompt_page",
+    "shade",
+]
+
 MANIFEST = "manifest.json"
-_TEMPLATES = Path(__file__).parent / "templates"
-#: A hash of the templates: part of every page's key, so a changed layout rebuilds every page.
-LAYOUT_VERSION = hashlib.sha256(
-    b"".join(p.name.encode() + p.read_bytes() for p in sorted(_TEMPLATES.iterdir()))
-).hexdigest()[:12]
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,44 +135,6 @@ class ReportSummary:
         )
 
 
-def _env() -> Any:
-    import jinja2
-
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(_TEMPLATES)),
-        autoescape=True,
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=False,
-    )
-    env.globals["shade"] = shade
-    return env
-
-
-def shade(value: float | None, scale: float | None) -> str:
-    """CSS colour of a token: red for positive values, blue for negative, by ``|value| / scale``.
-
-    Example
-    -------
-    >>> shade(0.5, 1.0), shade(None, 1.0)
-    ('rgba(220, 40, 40, 0.450)', 'transparent')
-    """
-    if value is None or not scale:
-        return "transparent"
-    a = min(1.0, abs(float(value)) / scale) * 0.9
-    return f"rgba(220, 40, 40, {a:.3f})" if value > 0 else f"rgba(40, 90, 220, {a:.3f})"
-
-
-def _digest(obj: Any) -> str:
-    text = json.dumps([LAYOUT_VERSION, actstore.__version__, obj], sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:20]
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _check_out_dir(out: Path) -> dict[str, Any]:
     if out.exists() and not out.is_dir():
         raise InputError(f"report output {out} is a file; give a directory (-o DIR)")
@@ -176,21 +157,45 @@ def _check_out_dir(out: Path) -> dict[str, Any]:
     return {"pages": {}}
 
 
-class _Site:
-    """One build: pages are added with a content hash and written only when it changed."""
+class Site:
+    """One build: pages are added with a content hash and written only when it changed.
+
+    Parameters
+    ----------
+    store
+        The store the pages show.
+    out
+        The site's folder (it exists).
+    old
+        The folder's manifest from the last build (``{"pages": {}}`` for a new site).
+
+    Example
+    -------
+    >>> site = Site(st, Path("demo-out/report"), {"pages": {}})  # doctest: +SKIP
+    >>> if not site.unchanged("index.html", key):  # doctest: +SKIP
+    ...     site.page("index.html", key, "index.html", context, {})
+    >>> site.finish()  # doctest: +SKIP
+    """
 
     def __init__(self, store: Store, out: Path, old: dict[str, Any]) -> None:
         self.store = store
         self.out = out
         self.old: dict[str, Any] = old["pages"]
         self.pages: dict[str, dict[str, Any]] = {}
-        self.env = _env()
+        self.env = environment()
         seq = store.sql("SELECT value FROM meta WHERE key = 'commit_seq'").fetchall()
         self.commit_seq = seq[0][0] if seq else "?"
         self.common = {"version": actstore.__version__}
         self.summary = ReportSummary(out)
 
     def unchanged(self, page: str, key: str) -> bool:
+        """Whether ``page`` and its figures are on disk with this key: then it is kept as it is.
+
+        Example
+        -------
+        >>> site.unchanged("analysis-1.html", digest(rec))  # doctest: +SKIP
+        False
+        """
         prev = self.old.get(page)
         if (
             prev
@@ -205,62 +210,42 @@ class _Site:
     def page(
         self, page: str, key: str, template: str, context: dict[str, Any], svgs: dict[str, str]
     ) -> None:
+        """Render ``template`` with ``context`` into ``page`` and write its figures (name: SVG).
+
+        Example
+        -------
+        >>> site.page("prompt-pairs-0.html", key, "prompt.html", context, {})  # doctest: +SKIP
+        """
         for name, svg in svgs.items():
-            _write(self.out / name, svg)
+            write(self.out / name, svg)
         html = self.env.get_template(template).render(**self.common, **context)
-        _write(self.out / page, html)
+        write(self.out / page, html)
         self.pages[page] = {"key": key, "files": sorted(svgs)}
         self.summary.written.append(page)
 
     def finish(self) -> None:
+        """Remove the pages this build did not produce; write the stylesheet and the manifest.
+
+        Example
+        -------
+        >>> site.finish(); site.summary.removed  # doctest: +SKIP
+        []
+        """
         keep = set(self.pages) | {f for p in self.pages.values() for f in p["files"]}
         for page, prev in self.old.items():
             for f in [page, *prev.get("files", [])]:
                 if f not in keep and (self.out / f).exists():
                     (self.out / f).unlink()
                     self.summary.removed.append(f)
-        css = (_TEMPLATES / "style.css").read_text()
+        css = (TEMPLATES / "style.css").read_text()
         if not (self.out / "style.css").exists() or (self.out / "style.css").read_text() != css:
-            _write(self.out / "style.css", css)
+            write(self.out / "style.css", css)
         manifest = json.dumps(
             {"layout": LAYOUT_VERSION, "pages": self.pages}, indent=1, sort_keys=True
         )
         path = self.out / MANIFEST
         if not path.exists() or path.read_text() != manifest:
-            _write(path, manifest)
-
-
-def analysis_page(aid: int) -> str:
-    """File name of an analysis page.
-
-    Example
-    -------
-    >>> analysis_page(3)
-    'analysis-3.html'
-    """
-    return f"analysis-{aid}.html"
-
-
-def feature_page(ref: F.FeatureRef) -> str:
-    """File name of a feature page.
-
-    Example
-    -------
-    >>> feature_page(F.FeatureRef("l2 resid", 1, 206, ""))
-    'feature-l2_resid-206.html'
-    """
-    return f"feature-{ref.slug}.html"
-
-
-def prompt_page(prompt_set: str, idx: int) -> str:
-    """File name of a prompt page.
-
-    Example
-    -------
-    >>> prompt_page("pairs", 7)
-    'prompt-pairs-7.html'
-    """
-    return f"prompt-{D.safe_name(prompt_set)}-{idx}.html"
+            write(path, manifest)
 
 
 def build_report(
@@ -296,39 +281,23 @@ def build_report(
     # validate everything before writing anything
     old = _check_out_dir(out)
     feats = F.select_features(st, opts.features, k=opts.n_features)
-    direction = opts.direction
-    if direction is not None:
-        if not st.sql("SELECT 1 FROM directions WHERE name = ?", [direction]).fetchall():
-            names = [r[0] for r in st.sql("SELECT name FROM directions ORDER BY 1").fetchall()]
-            raise InputError(f"direction {direction!r} not in the store; directions: {names}")
-    else:
-        direction = P.default_direction(st)
+    direction = _direction(st, opts.direction)
     index = D.index_data(st)
     out.mkdir(parents=True, exist_ok=True)
-    site = _Site(st, out, old)
+    site = Site(st, out, old)
 
     analysis_hrefs = {
         int(a["analysis_id"]): analysis_page(int(a["analysis_id"])) for a in index["analyses"]
     }
     for a in index["analyses"]:
-        _analysis(site, int(a["analysis_id"]))
+        write_analysis(site, int(a["analysis_id"]))
 
     # feature pages collect their contexts first: their prompts get pages too
     fdata = {
         ref: F.feature_data(st, ref, contexts=opts.contexts, width=opts.width) for ref in feats
     }
-    prompts: dict[tuple[int, int], str] = {}
-    set_names = {int(s["prompt_set_id"]): str(s["name"]) for s in index["prompt_sets"]}
-    for s in index["prompt_sets"]:
-        sid = int(s["prompt_set_id"])
-        for i in range(min(opts.prompts_per_set, int(s["n_prompts"] or 0))):
-            prompts[(sid, i)] = prompt_page(set_names[sid], i)
-    for fd in fdata.values():
-        for c in fd["contexts"]:
-            key = (int(c["prompt_set_id"]), int(c["prompt_idx"]))
-            prompts.setdefault(key, prompt_page(set_names[key[0]], key[1]))
-            c["href"] = prompts[key]
-    _features(site, feats, fdata)
+    prompts = _prompt_pages(index["prompt_sets"], fdata, opts.prompts_per_set)
+    write_features(site, feats, fdata)
     by_set: dict[int, list[int]] = {}
     for sid, idx in prompts:
         by_set.setdefault(sid, []).append(idx)
@@ -337,267 +306,40 @@ def build_report(
             st, sid, idxs, direction=direction, feature=feats[0] if feats else None
         )
         for idx, pd in got.items():
-            _prompt(site, pd, prompts[(sid, idx)], feats[0] if feats else None)
-    _index(site, index, feats, fdata, prompts, analysis_hrefs)
+            write_prompt(site, pd, prompts[(sid, idx)], feats[0] if feats else None)
+    write_index(site, index, feats, fdata, prompts, analysis_hrefs)
     site.finish()
     site.summary.seconds = time.monotonic() - t0
     return site.summary
 
 
-def _analysis(site: _Site, aid: int) -> None:
-    rec = D.analysis_record(site.store, aid)
-    page = analysis_page(aid)
-    key = _digest(rec)
-    if site.unchanged(page, key):
-        return
-    secs = A.analysis_sections(site.store, rec)
-    svgs = {}
-    for i, s in enumerate(secs):
-        svg = s.pop("svg", None)
-        s["figure"] = None
-        if svg:
-            s["figure"] = f"fig-analysis-{aid}-{i}.svg"
-            svgs[s["figure"]] = svg
-    params = [
-        [k, json.dumps(v) if not A.is_scalar(v) else v] for k, v in sorted(rec["params"].items())
-    ]
-    context = {
-        "title": f"{rec['name']} ({rec['kind']})",
-        "nav": [("analyses", "index.html#analyses")],
-        "rec": rec,
-        "secs": secs,
-        "params": params,
-        "result_json": json.dumps(rec["result"], indent=1)[:200_000],
-        "provenance_json": json.dumps(rec["provenance"], indent=1),
-    }
-    site.page(page, key, "analysis.html", context, svgs)
+def _direction(store: Store, name: str | None) -> str | None:
+    """The direction that shades prompt pages: ``name``, checked to be stored, or the default."""
+    if name is None:
+        return P.default_direction(store)
+    if not store.sql("SELECT 1 FROM directions WHERE name = ?", [name]).fetchall():
+        names = [r[0] for r in store.sql("SELECT name FROM directions ORDER BY 1").fetchall()]
+        raise InputError(f"direction {name!r} not in the store; directions: {names}")
+    return name
 
 
-def _lens_source(
-    site: _Site, ref: F.FeatureRef, decoder: np.ndarray | None, why_not: str | None
-) -> tuple[str | None, str | None, Any]:
-    """(checkpoint path, None) for the logit lens of a feature, or (None, why not); and a key.
+def _prompt_pages(
+    prompt_sets: list[dict[str, Any]], fdata: dict[F.FeatureRef, Any], per_set: int
+) -> dict[tuple[int, int], str]:
+    """The page of every prompt that gets one, by ``(prompt_set_id, prompt_idx)``.
 
-    The key (SAE and checkpoint weights hashes, the feature) stands for the lens
-    rows, so an unchanged page is recognised without loading the model.
+    The first ``per_set`` prompts of each set, then every prompt a feature page's
+    top contexts come from; each context gets the ``href`` of its prompt's page.
     """
-    if decoder is None:
-        return None, f"no decoder: {why_not}", None
-    got = site.store.sql(
-        """SELECT c.path, c.weights_hash, s.hook, s.weights_hash FROM feature_files f
-           JOIN runs r USING (run_id) JOIN checkpoints c USING (checkpoint_id)
-           JOIN saes s ON s.sae_id = f.sae_id
-           WHERE f.sae_id = ? AND r.edit_id IS NULL
-           ORDER BY r.name IS DISTINCT FROM ?, r.run_id LIMIT 1""",
-        [ref.sae_id, ref.run],
-    ).fetchall()
-    if not got or not got[0][0] or not Path(got[0][0]).exists():
-        return None, "no local checkpoint recorded for the runs of this SAE", None
-    path, ckpt_hash, hook, sae_hash = got[0]
-    if "resid" not in str(hook):
-        note = f"{hook} is not the residual stream; the logit lens reads residual directions"
-        return None, note, None
-    return str(path), None, [str(path), ckpt_hash, sae_hash, ref.feature]
-
-
-def _lens_rows(cache: dict[str, Any], path: str, row_D: np.ndarray) -> tuple[Any, str | None]:
-    """The top and bottom tokens of a decoder row through a checkpoint's unembedding."""
-    from actstore.analysis.lens import _load_model, _load_tokenizer, _vocab, direction_logits
-
-    if path not in cache:
-        model, _ = _load_model(path)
-        config: Any = model.config
-        cache[path] = (model, _vocab(_load_tokenizer(None, path), int(config.vocab_size)))
-    model, vocab = cache[path]
-    try:
-        logits = direction_logits(model, row_D[None, :])[0]
-    except InputError as e:
-        return None, str(e)
-    top = np.argsort(-logits, kind="stable")[:10]
-    bottom = np.argsort(logits, kind="stable")[:10]
-    tok = (lambda i: vocab[i]) if vocab else (lambda i: f"id {i}")
-    rows = [
-        [i, tok(int(t)), float(logits[t]), tok(int(b)), float(logits[b])]
-        for i, (t, b) in enumerate(zip(top, bottom, strict=True))
-    ]
-    return {"model": path, "rows": rows}, None
-
-
-def _features(site: _Site, feats: list[F.FeatureRef], fdata: dict[F.FeatureRef, Any]) -> None:
-    decoders: dict[int, np.ndarray] = {}
-    sae_names = {
-        int(i): str(n) for i, n in site.store.sql("SELECT sae_id, name FROM saes").fetchall()
-    }
-    why_not: dict[int, str | None] = {}
-    for sid in sae_names:
-        W, why_not[sid] = F.decoder_rows(site.store, sid)
-        if W is not None:
-            decoders[sid] = W
-    pages = {(r.sae_id, r.feature): feature_page(r) for r in feats}
-    models: dict[str, Any] = {}
-    for i, ref in enumerate(feats):
-        d = fdata[ref]
-        lens_path, lens_note, lens_key = _lens_source(
-            site, ref, decoders.get(ref.sae_id), why_not[ref.sae_id]
-        )
-        matches: list[dict[str, Any]] = []
-        matches_note = "no other SAE of this width in the store"
-        if ref.sae_id in decoders:
-            matches = F.feature_matches(decoders, sae_names, ref.sae_id, ref.feature)
-            for m in matches:
-                m["href"] = pages.get((m["sae_id"], m["feature"]))
-        else:
-            matches_note = f"no decoder: {why_not[ref.sae_id]}"
-        page = feature_page(ref)
-        nav = {
-            "prev": feature_page(feats[i - 1]) if i > 0 else None,
-            "next": feature_page(feats[i + 1]) if i + 1 < len(feats) else None,
-        }
-        key = _digest([d, lens_key, lens_note, matches, nav])
-        if site.unchanged(page, key):
-            continue
-        lens = None
-        if lens_path is not None:
-            lens, lens_note = _lens_rows(models, lens_path, decoders[ref.sae_id][ref.feature])
-        labels = d["labels"]
-        runs = [r["run"] for r in d["by_run"]]
-        series: dict[str, list[float | None]] = {"all tokens": [r["freq"] for r in d["by_run"]]}
-        if labels:
-            series[labels[0]] = [r["by_label"][labels[0]]["true"] for r in d["by_run"]]
-            series[f"not {labels[0]}"] = [r["by_label"][labels[0]]["false"] for r in d["by_run"]]
-        hist_name, freq_name = f"fig-{ref.slug}-hist.svg", f"fig-{ref.slug}-freq.svg"
-        title = f"{ref.sae} feature {ref.feature}"
-        svgs = {
-            hist_name: figures.histogram(d["hist"], title=f"{title}, {ref.run or 'every run'}"),
-            freq_name: figures.grouped_bars(runs, series, title=title, ylabel="firing frequency"),
-        }
-        freq_columns = ["run", "tokens", "fired", "freq", "mean", "max"]
-        for c in labels:
-            freq_columns += [f"freq | {c}", f"freq | not {c}"]
-        freq_rows = [
-            [r["run"], r["n_tokens"], r["n_fired"], r["freq"], r["mean"], r["max"]]
-            + [x for c in labels for x in (r["by_label"][c]["true"], r["by_label"][c]["false"])]
-            for r in d["by_run"]
-        ]
-        top = max((c["value"] for c in d["contexts"]), default=0.0)
-        context = {
-            "title": title,
-            "nav": [("features", "index.html#features")],
-            "d": d,
-            "scale": top,
-            "hist_svg": hist_name,
-            "freq_svg": freq_name,
-            "freq_columns": freq_columns,
-            "freq_rows": freq_rows,
-            "lens": lens,
-            "lens_note": lens_note,
-            "matches": matches,
-            "matches_note": matches_note,
-            **nav,
-        }
-        site.page(page, key, "feature.html", context, svgs)
-
-
-def _prompt(site: _Site, d: dict[str, Any], page: str, feat: F.FeatureRef | None) -> None:
-    sid, idx = d["prompt_set_id"], d["prompt_idx"]
-    feature_href = feature_page(feat) if feat is not None else None
-    key = _digest([d, feature_href])
-    if site.unchanged(page, key):
-        return
-    projs = [abs(t["proj"]) for r in d["runs"] for t in r["tokens"] if t["proj"] is not None]
-    featv = [abs(t["feat"]) for r in d["runs"] for t in r["tokens"] if t["feat"] is not None]
-    for r in d["runs"]:
-        r["score_rows"] = [
-            [s["sample_idx"], s["scorer"], s["value"], s["flag"]] for s in r["scores"]
-        ]
-    context = {
-        "title": f"{d['prompt_set']} #{idx}",
-        "nav": [("prompt sets", f"index.html#prompt-set-{sid}")],
-        "d": d,
-        "label_rows": [[k, v] for k, v in d["labels"].items()],
-        "proj_scale": max(projs, default=0.0),
-        "feat_scale": max(featv, default=0.0),
-        "feature_href": feature_href,
-    }
-    site.page(page, key, "prompt.html", context, {})
-
-
-def _index(
-    site: _Site,
-    d: dict[str, Any],
-    feats: list[F.FeatureRef],
-    fdata: dict[F.FeatureRef, Any],
-    prompts: dict[tuple[int, int], str],
-    analysis_hrefs: dict[int, str],
-) -> None:
-    for a in d["analyses"]:
-        a["href"] = analysis_hrefs[int(a["analysis_id"])]
-    texts = {
-        (int(s), int(i)): str(t)
-        for s, i, t in site.store.sql(
-            "SELECT prompt_set_id, prompt_idx, text FROM prompts"
-        ).fetchall()
-    }
-    prompt_links: dict[int, list[dict[str, Any]]] = {}
-    for (sid, idx), page in sorted(prompts.items()):
-        text = texts.get((sid, idx), "")
-        prompt_links.setdefault(sid, []).append(
-            {
-                "prompt_idx": idx,
-                "href": page,
-                "text": text,
-                "short": text[:48] + ("..." if len(text) > 48 else ""),
-            }
-        )
-    labels = D.boolean_labels(site.store)
-    feature_columns = ["feature", "runs", "max", "freq (all runs)"]
-    if labels:
-        feature_columns += [f"freq | {labels[0]}", f"freq | not {labels[0]}"]
-    rows = []
-    for ref in feats:
-        br = fdata[ref]["by_run"]
-        n = sum(r["n_tokens"] for r in br)
-        extra = [
-            len(br),
-            max((r["max"] for r in br if r["max"] is not None), default=None),
-            sum(r["n_fired"] for r in br) / n if n else None,
-        ]
-        if labels:
-            nt = sum(r["by_label"][labels[0]]["n_true"] for r in br)
-            nf = sum(r["by_label"][labels[0]]["n_false"] for r in br)
-            ft = sum(
-                (r["by_label"][labels[0]]["true"] or 0) * r["by_label"][labels[0]]["n_true"]
-                for r in br
-            )
-            ff = sum(
-                (r["by_label"][labels[0]]["false"] or 0) * r["by_label"][labels[0]]["n_false"]
-                for r in br
-            )
-            extra += [ft / nt if nt else None, ff / nf if nf else None]
-        rows.append(
-            {"sae": ref.sae, "feature": ref.feature, "href": feature_page(ref), "extra": extra}
-        )
-    behaviour_columns = list(d["behaviour"][0]) if d["behaviour"] else []
-    context = {
-        "title": "actstore report",
-        "nav": [],
-        "d": d,
-        "features": rows,
-        "feature_columns": feature_columns,
-        "features_why": feats[0].why
-        if feats
-        else "the store has no SAE features with a boolean label, or the query selected none",
-        "prompt_links": prompt_links,
-        "n_prompt_pages": len(prompts),
-        "behaviour_columns": behaviour_columns,
-        "behaviour_rows": [[r[c] for c in behaviour_columns] for r in d["behaviour"]],
-        "sae_rows": [
-            [s[c] for c in ("sae_id", "name", "hook", "layer", "d_in", "d_sae", "architecture")]
-            for s in d["saes"]
-        ],
-        "analysis_hrefs": analysis_hrefs,
-    }
-    key = _digest([context, str(site.store.root)])
-    if not site.unchanged("index.html", key):
-        where = {"commit_seq": site.commit_seq, "store": str(site.store.root)}
-        site.page("index.html", key, "index.html", {**context, **where}, {})
+    prompts: dict[tuple[int, int], str] = {}
+    set_names = {int(s["prompt_set_id"]): str(s["name"]) for s in prompt_sets}
+    for s in prompt_sets:
+        sid = int(s["prompt_set_id"])
+        for i in range(min(per_set, int(s["n_prompts"] or 0))):
+            prompts[(sid, i)] = prompt_page(set_names[sid], i)
+    for fd in fdata.values():
+        for c in fd["contexts"]:
+            key = (int(c["prompt_set_id"]), int(c["prompt_idx"]))
+            prompts.setdefault(key, prompt_page(set_names[key[0]], key[1]))
+            c["href"] = prompts[key]
+    return prompts

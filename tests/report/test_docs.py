@@ -7,7 +7,18 @@ import importlib
 
 import pytest
 
-MODULES = ["analyses", "data", "features", "figures", "prompts", "serve", "site"]
+MODULES = [
+    "analyses",
+    "data",
+    "features",
+    "figures",
+    "logit_lens",
+    "pages",
+    "prompts",
+    "render",
+    "serve",
+    "site",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)
