@@ -137,6 +137,15 @@ WRITER = textwrap.dedent(
         w.append(arrays={{"h": vals}},
                  tokens={{"prompt_idx": np.full(50, b), "position": np.arange(50), "row": np.arange(50)}},
                  first_prompt=b, n_prompts=1)
+        # the first commits wait until the reader has seen them (however loaded the machine)
+        deadline = time.monotonic() + 120
+        while b < 3 and time.monotonic() < deadline:
+            try:
+                if int(open({sync!r}).read() or -1) >= (b + 1) * 50:
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.01)
     w.close()
     """
 )
@@ -148,7 +157,10 @@ def test_reader_sees_only_committed_batches_while_writer_appends(tmp_path):
         st_, name="p", table=pa.table({"text": [str(i) for i in range(40)]})
     )
     objects.create_run(st_, name="r", prompt_set_id=ps, hooks={"h": (0, 8)}, store_dtype="float32")
-    proc = subprocess.Popen([sys.executable, "-c", WRITER.format(root=str(st_.root), n=40)])
+    sync = tmp_path / "seen"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER.format(root=str(st_.root), n=40, sync=str(sync))]
+    )
     reader = actstore.open(st_.root, read_only=True)
     seen, slowest = [], 0.0
     try:
@@ -162,6 +174,9 @@ def test_reader_sees_only_committed_batches_while_writer_appends(tmp_path):
             tok = reader.sql("SELECT count(*) FROM tokens").fetchall()[0][0]
             assert tok >= n  # tokens commit with their rows (the count may have moved on since)
             seen.append(n)
+            tmp = sync.with_suffix(".tmp")
+            tmp.write_text(str(n))
+            tmp.replace(sync)  # what the reader has seen: the writer's first commits wait for it
             if proc.poll() is not None and n == 2000:
                 break
             assert proc.poll() in (None, 0)
