@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from actstore.store import arrays as _arrays
+from actstore.store import shardio as _shardio
 
 if TYPE_CHECKING:
     import zarr
@@ -48,6 +49,8 @@ class HookBuffer:
     fill: int = 0  # rows of the open shard held in buf
     buf: np.ndarray | None = None  # on-disk dtype (uint16 bits for bfloat16)
     wrote: bool = False  # a whole shard was written since the writer last looked
+    stream: _shardio.ShardStream | None = None  # the open shard's file, chunk by chunk
+    _raw: bool | None = None  # whether the array's shard files can be written directly
 
     @property
     def end(self) -> int:
@@ -82,6 +85,8 @@ class HookBuffer:
             if self.fill == self.shard_rows:  # stats read the buffer before it is reused
                 stored = dst.copy()
                 self._write_full()
+            else:
+                self._stream()
             return stored
         stored = np.ascontiguousarray(_arrays.to_disk(rows, dtype))  # spans shards
         i = 0
@@ -92,19 +97,62 @@ class HookBuffer:
             i += k
             if self.fill == self.shard_rows:
                 self._write_full()
+        self._stream()
         return stored
 
-    def _write_full(self) -> None:
+    def _stream(self) -> None:
+        """Write the open shard's inner chunks that are full to its temporary file."""
+        if self.end <= self.disk_rows or not self._can_stream():
+            return
+        if self.stream is None:
+            lay = _shardio.raw_layout(self.arr)
+            assert lay is not None
+            self.stream = _shardio.ShardStream(lay, self.start // self.shard_rows)
         assert self.buf is not None
+        self.stream.write_chunks(self.buf, self.fill)
+
+    def _can_stream(self) -> bool:
+        if self._raw is None:
+            lay = _shardio.raw_layout(self.arr)
+            self._raw = (
+                lay is not None
+                and lay.shard_rows == self.shard_rows
+                and np.dtype(self.arr.dtype).newbyteorder("<") == lay.dtype
+            )
+        return self._raw
+
+    def _finish(self) -> None:
+        """Write the open shard's first ``fill`` rows as its file: the stream's rest, or whole."""
+        assert self.buf is not None
+        _arrays.ensure_capacity(self.arr, self.end)
+        self._stream()
+        if self.stream is not None:
+            self.stream.finish(self.buf, self.fill)
+            self.stream = None
+        else:
+            _arrays.write_rows(self.arr, self.start, self.buf[: self.fill])
+        self.disk_rows = self.end
+
+    def _write_full(self) -> None:
         if self.end > self.disk_rows:
-            _arrays.write_rows(self.arr, self.start, self.buf)
-            self.disk_rows = self.end
+            self._finish()
             self.wrote = True
+        self._drop_stream()
         self.start += self.shard_rows
         self.fill = 0
 
-    def write(self, partial: bool) -> bool:
+    def _drop_stream(self) -> None:
+        if self.stream is not None:
+            self.stream.discard()
+            self.stream = None
+
+    def write(self, partial: bool, final: bool = False) -> bool:
         """Write the open shard's rows if ``partial`` (whole shards are written as they fill).
+
+        ``final`` (the writer's close): no more rows come, so the streamed file is
+        finished and renamed into place. Otherwise (a commit while the shard is
+        still filling) its rows so far are written as the shard's file, and the
+        stream goes on beside it, to replace that file once the shard is full.
 
         Example
         -------
@@ -112,19 +160,27 @@ class HookBuffer:
         True
         """
         if not partial or self.end <= max(self.start, self.disk_rows):
+            if final:
+                self._drop_stream()
             return False
         assert self.buf is not None
-        _arrays.write_rows(self.arr, self.start, self.buf[: self.fill])
-        self.disk_rows = self.end
+        if final:
+            self._finish()
+        else:
+            _arrays.write_rows(self.arr, self.start, self.buf[: self.fill])
+            self.disk_rows = self.end
         return True
 
     def release(self) -> None:
         """Drop the buffer once the writer is flushed or aborted: its memory goes back at once.
 
+        A shard file still being streamed is removed (its rows were not committed).
+
         Example
         -------
         >>> buf.release()  # doctest: +SKIP
         """
+        self._drop_stream()
         self.buf = None
 
 

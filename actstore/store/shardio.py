@@ -63,6 +63,7 @@ if TYPE_CHECKING:  # zarr is imported when an array is opened (actstore.store.ar
 __all__ = [
     "MISSING",
     "RawShardLayout",
+    "ShardStream",
     "parse_layout",
     "raw_layout",
     "shard_bytes",
@@ -254,7 +255,7 @@ def whole_shards(lay: RawShardLayout, start: int, stop: int) -> tuple[int, int]:
 
 
 def _pieces(lay: RawShardLayout, shard: int, rows_ND: np.ndarray) -> list[Any]:
-    """The buffers that make up the file of ``shard`` holding ``rows_ND``, in file order."""
+    """The buffers of the file of ``shard`` holding ``rows_ND`` (its rows inside the array)."""
     n = rows_ND.shape[0]
     want = lay.shard_nrows(shard)
     if n != want or rows_ND.shape[1:] != (lay.d,):
@@ -262,12 +263,18 @@ def _pieces(lay: RawShardLayout, shard: int, rows_ND: np.ndarray) -> list[Any]:
             f"shard {shard} of {lay.directory} holds ({want}, {lay.d}) rows; "
             f"got {rows_ND.shape}: write whole shards, or write through zarr"
         )
-    cr, k = lay.chunk_rows, lay.chunks_per_shard
-    present = -(-n // cr)
+    present = -(-n // lay.chunk_rows)
+    return [*_chunk_pieces(lay, rows_ND, 0, present), _index_piece(lay, present)]
+
+
+def _chunk_pieces(lay: RawShardLayout, rows_ND: np.ndarray, c0: int, c1: int) -> list[Any]:
+    """Inner chunks ``c0..c1-1`` of a shard whose first ``len(rows_ND)`` rows are given,
+    each followed by its crc32c; the chunk the rows end in is padded with the fill value."""
+    cr, n = lay.chunk_rows, rows_ND.shape[0]
     pieces: list[Any] = []
     flat = rows_ND.reshape(-1).view(np.uint8)
     nbytes = lay.chunk_nbytes
-    for c in range(present):
+    for c in range(c0, c1):
         if (c + 1) * cr <= n:
             chunk = flat[c * nbytes : (c + 1) * nbytes]
         else:  # the edge chunk: padded to the full chunk with the fill value, as zarr does
@@ -276,12 +283,102 @@ def _pieces(lay: RawShardLayout, shard: int, rows_ND: np.ndarray) -> list[Any]:
             chunk = padded.reshape(-1).view(np.uint8)
         pieces.append(chunk)
         pieces.append(struct.pack("<I", google_crc32c.value(chunk)))
-    index = np.full((k, 2), MISSING, "<u8")
+    return pieces
+
+
+def _index_piece(lay: RawShardLayout, present: int) -> bytes:
+    """The shard index for chunks ``0..present-1`` packed back to back, and its crc32c."""
+    nbytes = lay.chunk_nbytes
+    index = np.full((lay.chunks_per_shard, 2), MISSING, "<u8")
     index[:present, 0] = np.arange(present, dtype=np.uint64) * np.uint64(nbytes + 4)
     index[:present, 1] = nbytes + 4
     raw = index.tobytes()
-    pieces.append(raw + struct.pack("<I", google_crc32c.value(raw)))
-    return pieces
+    return raw + struct.pack("<I", google_crc32c.value(raw))
+
+
+class ShardStream:
+    """One shard's file written chunk by chunk as its rows arrive, renamed into place at the end.
+
+    A writer filling a shard buffer calls :meth:`write_chunks` after every batch:
+    each inner chunk that has filled since is written (with its crc32c) to a
+    temporary file beside the shard's, so when the shard is done only its last
+    chunks and the index are left to write (:meth:`finish`), not the whole shard.
+    The file is byte for byte what :func:`write_shards` (or zarr, for a last
+    shard that ends before the array does) writes for the same rows, and it is
+    invisible until it is renamed into place. ``rows_ND`` is always the shard's
+    buffer from its first row; :meth:`discard` removes the temporary file.
+
+    Example
+    -------
+    >>> import tempfile, numpy as np
+    >>> from actstore.store import arrays
+    >>> lay16 = arrays.Layout(chunk_rows=2, shard_rows=4, compression="none")
+    >>> a = arrays.create_array(tempfile.mkdtemp(), "a", d=3, dtype="float16", capacity=4, layout=lay16)
+    >>> buf = np.ones((4, 3), np.float16)
+    >>> s = ShardStream(raw_layout(a), 0)
+    >>> s.write_chunks(buf, 3)  # chunk 0 is full: written now
+    >>> s.finish(buf, 4)
+    >>> a[:].sum()
+    np.float16(12.0)
+    """
+
+    def __init__(self, lay: RawShardLayout, shard: int) -> None:
+        self.lay = lay
+        self.path = lay.shard_path(shard)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_suffix(f".{uuid.uuid4().hex}.partial")  # as _atomic_write
+        self._fd: int | None = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        self.chunks = 0  # inner chunks written so far
+
+    def write_chunks(self, rows_ND: np.ndarray, fill: int) -> None:
+        """Write the inner chunks that the first ``fill`` rows of ``rows_ND`` complete.
+
+        Example
+        -------
+        >>> s.write_chunks(buf, 2)  # doctest: +SKIP
+        """
+        full = fill // self.lay.chunk_rows
+        if full > self.chunks:
+            assert self._fd is not None
+            _write_all(self._fd, _chunk_pieces(self.lay, rows_ND[:fill], self.chunks, full))
+            self.chunks = full
+
+    def finish(self, rows_ND: np.ndarray, fill: int) -> None:
+        """Write the rest of the first ``fill`` rows and the index; rename the file into place.
+
+        Example
+        -------
+        >>> s.finish(buf, 4)  # doctest: +SKIP
+        """
+        present = -(-fill // self.lay.chunk_rows)
+        assert self._fd is not None and fill >= self.chunks * self.lay.chunk_rows
+        rows = _prepare(self.lay, rows_ND[:fill])
+        try:
+            _write_all(
+                self._fd,
+                [
+                    *_chunk_pieces(self.lay, rows, self.chunks, present),
+                    _index_piece(self.lay, present),
+                ],
+            )
+            os.close(self._fd)
+            self._fd = None
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.discard()
+            raise
+
+    def discard(self) -> None:
+        """Close and remove the temporary file (the shard's visible file is untouched).
+
+        Example
+        -------
+        >>> s.discard()  # doctest: +SKIP
+        """
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self.tmp.unlink(missing_ok=True)
 
 
 def shard_bytes(lay: RawShardLayout, shard: int, rows_ND: np.ndarray) -> bytes:

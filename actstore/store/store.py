@@ -33,7 +33,6 @@ from actstore.store.create import create_local
 from actstore.store.damage import survey
 from actstore.store.format import (
     CATALOG,
-    FEATURES_DIR,
     FORMAT_VERSION,
     MARKER,
     read_marker,
@@ -553,16 +552,9 @@ class Store:
         return RemoteWriteLock.held_elsewhere(self.location, lease and lease.token)
 
     def _recover_locked(self) -> list[str]:
-        files = self.location.files(FEATURES_DIR)
-        if not files:
-            return []
-        known = set(self.catalog.read("SELECT path FROM feature_files").column("path").to_pylist())
-        removed = []
-        for rel in files:
-            if rel not in known:
-                self.location.remove(rel)
-                removed.append(rel)
-        return removed
+        from actstore.store.recovery import recover
+
+        return recover(self)
 
     def break_lease(self) -> dict[str, Any] | None:
         """End the writer lease of a remote store; return its holder (None if there was none).

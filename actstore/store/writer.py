@@ -90,19 +90,19 @@ _WRITE_THREADS = max(1, min(4, os.cpu_count() or 1))
 """Threads writing the hooks' open shards at a flush (file writes and crc32c release the GIL)."""
 
 
-def _write_open_shards(bufs: Sequence[_HookBuffer], partial: bool) -> list[bool]:
-    """``buf.write(partial)`` for every hook, several hooks at once when they all write.
+def _write_open_shards(bufs: Sequence[_HookBuffer], partial: bool, final: bool) -> list[bool]:
+    """``buf.write(partial, final)`` for every hook, several hooks at once when they all write.
 
     At a commit (every ``commit_interval`` seconds) and at :meth:`RunWriter.close`
     each hook writes its open shard: on the close of a run that is time nothing else
     overlaps, so the hooks' files are written by a few threads at once.
     """
     if not partial or len(bufs) < 2 or _WRITE_THREADS < 2:
-        return [b.write(partial) for b in bufs]
+        return [b.write(partial, final) for b in bufs]
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(_WRITE_THREADS, thread_name_prefix="actstore-shards") as pool:
-        return list(pool.map(lambda b: b.write(partial), bufs))
+        return list(pool.map(lambda b: b.write(partial, final), bufs))
 
 
 def _run_state(store: Store, run_id: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -289,7 +289,7 @@ class RunWriter:
         >>> w.close()  # doctest: +SKIP
         """
         try:
-            self._flush(partial=True)
+            self._flush(partial=True, final=True)
             self._release_buffers()
         finally:
             if self._lock is not None:
@@ -324,10 +324,14 @@ class RunWriter:
             self._lock.release()
             self._lock = None
 
-    def _flush(self, partial: bool) -> int:
-        """Write what fills whole shards (everything if ``partial``); commit if it is time."""
+    def _flush(self, partial: bool, final: bool = False) -> int:
+        """Write what fills whole shards (everything if ``partial``); commit if it is time.
+
+        ``final``: the writer's close, after which no rows come (the open shards' files
+        are finished rather than written beside their streams).
+        """
         if self._pending:
-            wrote = any(_write_open_shards(list(self._buffers.values()), partial))
+            wrote = any(_write_open_shards(list(self._buffers.values()), partial, final))
             for buf in self._buffers.values():
                 wrote = buf.wrote or wrote
                 buf.wrote = False

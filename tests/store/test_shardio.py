@@ -106,7 +106,28 @@ def test_mixed_writes_and_growth_match_zarr_file_for_file(
     np.testing.assert_array_equal(back[:n].view(np.uint8), data.view(np.uint8))
 
 
-def test_runwriter_writes_whole_shards_directly_and_matches_zarr(tmp_path, spy, monkeypatch):
+@pytest.fixture
+def streams(monkeypatch):
+    """Record the streamed shards: per shard file, the chunk counts after each write, and finishes."""
+    log: dict[str, list[int | str]] = {}
+    real_write, real_finish = shardio.ShardStream.write_chunks, shardio.ShardStream.finish
+
+    def writing(self, rows_ND, fill):
+        before = self.chunks
+        real_write(self, rows_ND, fill)
+        if self.chunks > before:
+            log.setdefault(self.path.parent.name, []).append(self.chunks)
+
+    def finishing(self, rows_ND, fill):
+        real_finish(self, rows_ND, fill)
+        log.setdefault(self.path.parent.name, []).append("finished")
+
+    monkeypatch.setattr(shardio.ShardStream, "write_chunks", writing)
+    monkeypatch.setattr(shardio.ShardStream, "finish", finishing)
+    return log
+
+
+def test_runwriter_streams_shards_chunk_by_chunk_and_matches_zarr(tmp_path, streams, monkeypatch):
     import actstore
     from actstore.store import objects
 
@@ -125,8 +146,16 @@ def test_runwriter_writes_whole_shards_directly_and_matches_zarr(tmp_path, spy, 
                 n_prompts=1,
             )
             if b == 180:
-                w.flush()  # a partial shard (through zarr), rewritten whole later
-    assert spy and all(a % 128 == 0 for a, _ in spy)
+                w.flush()  # a partial shard (through zarr), replaced whole later
+    # 3 full shards of 4 chunks and the last (50 rows: a full chunk and an edge chunk), each
+    # file streamed: its chunks went to disk as batches filled them, then it was finished
+    assert streams == {
+        "0": [1, 2, 3, 4, "finished"],
+        "1": [1, 2, 3, 4, "finished"],
+        "2": [1, 2, 3, 4, "finished"],
+        "3": [1, "finished"],
+    }
+    assert not list((tmp_path / "s").rglob("*.partial"))
     np.testing.assert_array_equal(
         store.acts("r", "h").numpy().view(np.uint16), data.view(np.uint16)
     )
@@ -142,6 +171,62 @@ def test_runwriter_writes_whole_shards_directly_and_matches_zarr(tmp_path, spy, 
     ref[: data.shape[0]] = data
     ours = _files(Path(arr.store.root) / arr.path / "c")
     assert ours == _files(tmp_path / "ref" / "x" / "c")
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    dtype=st.sampled_from(["float16", "bfloat16"]),
+    d=st.integers(1, 12),
+    chunk_rows=st.integers(1, 8),
+    chunks_per_shard=st.integers(1, 4),
+    batches=st.lists(st.integers(1, 40), min_size=1, max_size=12),
+    flush_after=st.sets(st.integers(0, 11), max_size=3),
+    seed=st.integers(0, 2**16),
+)
+def test_streamed_runwriter_files_equal_zarrs(
+    tmp_path_factory,
+    monkeypatch,
+    dtype,
+    d,
+    chunk_rows,
+    chunks_per_shard,
+    batches,
+    flush_after,
+    seed,
+):
+    """Any batch sizes, commits mid-shard, a growing array: the files are zarr's, byte for byte."""
+    import actstore
+    from actstore.store import objects
+
+    layout = arrays.Layout(chunk_rows, chunk_rows * chunks_per_shard, "none")
+    monkeypatch.setattr(arrays, "default_layout", lambda *a, **k: layout)
+    root = tmp_path_factory.mktemp("w")
+    store = actstore.open(root / "s", create=True)
+    rid = objects.create_run(store, name="r", hooks={"h": (0, d)}, store_dtype=dtype)
+    data = _data(np.random.default_rng(seed), sum(batches), d, dtype)
+    with store.writer(rid) as w:
+        a = 0
+        for i, n in enumerate(batches):
+            w.append(
+                arrays={"h": arrays.from_disk(data[a : a + n], dtype)},
+                tokens={"prompt_idx": np.full(n, i), "row": np.arange(n)},
+                first_prompt=i,
+                n_prompts=1,
+            )
+            a += n
+            if i in flush_after:
+                w.flush()
+    arr, _ = store.array("r", "h")
+    ref = arrays.create_array(root / "ref", "x", d=d, dtype=dtype, capacity=0, layout=layout)
+    arrays.ensure_capacity(ref, arr.shape[0])
+    ref[: data.shape[0]] = data
+    assert _files(Path(arr.store.root) / arr.path / "c") == _files(root / "ref" / "x" / "c")
+    np.testing.assert_array_equal(
+        store.acts("r", "h").numpy().view(np.uint16), data.view(np.uint16)
+    )
+    assert not list(root.rglob("*.partial"))
 
 
 def _direct_array(root: Path, n: int = 40, d: int = 3) -> tuple[object, np.ndarray]:
