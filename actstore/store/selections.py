@@ -52,9 +52,11 @@ __all__ = [
     "read",
     "record",
     "recorded",
+    "require_complete",
     "require_rows",
     "rows_sha256",
     "select_rows",
+    "unfinished",
     "verify",
     "view_sql",
 ]
@@ -313,3 +315,66 @@ def require_rows(store: Store, run_id: int, sae_id: int, rows: np.ndarray, *, wh
             f"SAE {sae_id}: it was encoded for the rows {sel.positions!r} only (a row not "
             f"encoded is not a zero); add `AND ({sel.positions})` to the selection"
         )
+
+
+def unfinished(
+    what: str, root: object, run: str, sae: str, covered: int, stored: int, sel: Selection | None
+) -> NotFoundError:
+    """The error for (run, SAE) features whose committed parts cover only part of the run.
+
+    One wording for every reader of features (the named queries, the report, the
+    analyses): it names the ``actstore encode`` command that finishes the encode.
+
+    Example
+    -------
+    >>> print(unfinished("report", "st", "r", "l1", 10, 40, None))
+    report: run 'r' has features of SAE 'l1' for 10 of its 40 rows (an encode is in progress or was interrupted); finish it with `actstore encode st --sae l1 --run r`
+    """
+    pos = "" if sel is None else f' --positions "{sel.positions}"'
+    return NotFoundError(
+        f"{what}: run {run!r} has features of SAE {sae!r} for {covered} of its "
+        f"{stored} rows (an encode is in progress or was interrupted); finish it with "
+        f"`actstore encode {root} --sae {sae} --run {run}{pos}`"
+    )
+
+
+def require_complete(store: Store, run_id: int, sae_id: int, *, what: str) -> Selection | None:
+    """Refuse (run, SAE) unless its committed feature parts cover every stored row.
+
+    For readers of the ``features`` view that do not go through the named queries
+    (whose :meth:`~actstore.queries.context.Context.require_features` does the
+    same): an interrupted or running encode leaves rows without features, which
+    are not zeros. Returns the recorded selection of a positions-restricted
+    encode (its features cover those rows only), or None (every row).
+
+    Raises
+    ------
+    NotFoundError
+        The run has no features of the SAE, or only some of its rows are covered
+        (:func:`unfinished`, naming the command that finishes the encode).
+
+    Example
+    -------
+    >>> require_complete(st, 2, 1, what="report")  # doctest: +SKIP
+    Selection(positions="position_role = 'last'", n_rows=48, rows_sha256='...')
+    """
+    got = store.catalog.read(
+        "SELECT r.name AS run, s.name AS sae, (SELECT sum(ff.n_rows) FROM feature_files ff "
+        "WHERE ff.run_id = r.run_id AND ff.sae_id = s.sae_id) AS covered, (SELECT a.n_rows "
+        "FROM arrays a WHERE a.run_id = r.run_id AND a.hook = s.hook) AS stored "
+        "FROM runs r, saes s WHERE r.run_id = ? AND s.sae_id = ?",
+        [run_id, sae_id],
+    ).to_pylist()
+    if not got:
+        raise NotFoundError(f"{what}: no run {run_id} or SAE {sae_id} in store {store.root}")
+    g = got[0]
+    run, sae = str(g["run"]), str(g["sae"])
+    if g["covered"] is None:
+        raise NotFoundError(
+            f"{what}: run {run!r} has no features of SAE {sae!r}; encode them with "
+            f"`actstore encode {store.root} --sae {sae} --run {run}`"
+        )
+    sel = read(store, run_id, sae_id)
+    if g["stored"] is not None and int(g["covered"]) < int(g["stored"]):
+        raise unfinished(what, store.root, run, sae, int(g["covered"]), int(g["stored"]), sel)
+    return sel
