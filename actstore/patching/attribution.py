@@ -198,7 +198,7 @@ def _require_encoded(
     """
     for s_ in saes:
         for run_id, col in ((plan.target["run_id"], 2), (plan.source["run_id"], 3)):
-            selections.require_complete(st, int(run_id), s_.sae_id, what="attribute")
+            # an unfinished encode of the run is refused first (selections.require_complete)
             rows = np.array(sorted({x[col] for x in sites[s_.name]}), dtype=np.int64)
             selections.require_rows(st, int(run_id), s_.sae_id, rows, what="attribute")
 

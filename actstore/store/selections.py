@@ -289,13 +289,17 @@ def verify(con: duckdb.DuckDBPyConnection, run_id: int, sel: Selection, *, what:
 
 
 def require_rows(store: Store, run_id: int, sae_id: int, rows: np.ndarray, *, what: str) -> None:
-    """Refuse ``rows`` of a run if some have no features of a positions-restricted encode.
+    """Refuse ``rows`` of a run if some have no features: an unfinished or positions-restricted encode.
 
     For analyses that read features of rows they selected themselves: a row that was
-    not encoded has no features, which is not the same as zero features.
+    not encoded has no features, which is not the same as zero features. The
+    (run, SAE) is checked complete first (:func:`require_complete`).
 
     Raises
     ------
+    NotFoundError
+        The run has no features of the SAE, or its encode is in progress or was
+        interrupted (naming the command that finishes it).
     InputError
         Naming the encoded predicate and how to restrict the selection to it.
 
@@ -303,7 +307,7 @@ def require_rows(store: Store, run_id: int, sae_id: int, rows: np.ndarray, *, wh
     -------
     >>> require_rows(st, 2, 1, np.array([5, 11]), what="reward_correlation")  # doctest: +SKIP
     """
-    sel = read(store, run_id, sae_id)
+    sel = require_complete(store, run_id, sae_id, what=what)
     if sel is None:
         return
     with store.session.connection() as con:
