@@ -57,6 +57,7 @@ __all__ = [
     "rows_sha256",
     "select_rows",
     "unfinished",
+    "unfinished_sql",
     "verify",
     "view_sql",
 ]
@@ -339,6 +340,40 @@ def unfinished(
         f"{what}: run {run!r} has features of SAE {sae!r} for {covered} of its "
         f"{stored} rows (an encode is in progress or was interrupted); finish it with "
         f"`actstore encode {root} --sae {sae} --run {run}{pos}`"
+    )
+
+
+def unfinished_sql(runs: str, sae_id: str) -> str:
+    """Scalar SQL: true, or an error with :func:`unfinished`'s message for a run not covered.
+
+    For SQL that cannot call Python first (the named queries' table macros):
+    ``runs`` is a SQL relation of run ids (column ``run_id``), ``sae_id`` a SQL
+    scalar; the session views ``feature_files``, ``arrays``, ``runs`` and ``saes``
+    are read. The store's path is not known in SQL: the command names ``STORE``.
+
+    Example
+    -------
+    >>> "in progress or was interrupted" in unfinished_sql("SELECT 2 AS run_id", "1")
+    True
+    """
+
+    def first(col: str) -> str:
+        return f"first(c.{col} ORDER BY c.run_id)::VARCHAR"
+
+    run, sae = first("run"), first("sae")
+    message = (
+        f"'actstore: run ''' || {run} || ''' has features of SAE ''' || {sae} || ''' for ' || "
+        f"{first('covered')} || ' of its ' || {first('stored')} || ' rows (an encode is in "
+        f"progress or was interrupted); finish it with `actstore encode STORE --sae ' || {sae} "
+        f"|| ' --run ' || {run} || '`'"
+    )
+    return (
+        f"(SELECT CASE WHEN count(*) > 0 THEN error({message}) ELSE true END FROM ("
+        "SELECT r.run_id, r.name AS run, s.name AS sae, (SELECT sum(ff.n_rows) FROM feature_files "
+        "ff WHERE ff.run_id = r.run_id AND ff.sae_id = s.sae_id)::BIGINT AS covered, (SELECT "
+        "a.n_rows FROM arrays a WHERE a.run_id = r.run_id AND a.hook = s.hook) AS stored "
+        f"FROM runs r, saes s WHERE r.run_id IN ({runs}) AND s.sae_id = {sae_id}) c "
+        "WHERE c.covered < c.stored)"
     )
 
 
