@@ -48,6 +48,17 @@ def llama_dir(tiny_model_dirs: dict[str, Path]) -> Path:
 # Reserved for the SAE fixtures (``tiny_sae_dir`` and friends), added with the SAE work.
 
 
+@pytest.fixture(scope="session")
+def coverage_store(tmp_path_factory: pytest.TempPathFactory, llama_dir: Path) -> dict[str, Path]:
+    """Tiny-Llama store with an SAE encoded over all rows, a subset, and interrupted (read only).
+
+    See :mod:`tests.helpers.coverage`; ``{"store": path, "sae": SAE directory}``.
+    """
+    from tests.helpers.coverage import build_coverage_store
+
+    return build_coverage_store(tmp_path_factory.mktemp("coverage"), llama_dir)
+
+
 # --- the worked example --------------------------------------------------------------
 
 

@@ -60,6 +60,7 @@ from actstore.patching.plan import (
 )
 from actstore.patching.result import open_store
 from actstore.patching.tables import CELL_COLUMNS, PAIR_COLUMNS, existing_analysis, write_result
+from actstore.store import selections
 from actstore.store.result import Result
 
 if TYPE_CHECKING:
@@ -186,6 +187,22 @@ def _resolve_saes(st: Store, plan: Plan, saes: Sequence[str]) -> list[_SAE]:
     return out
 
 
+def _require_encoded(
+    st: Store, plan: Plan, saes: list[_SAE], sites: dict[str, list[tuple[int, int, int, int]]]
+) -> None:
+    """Refuse SAEs without stored features of every patched row, in both runs.
+
+    An interrupted encode, or a positions-restricted encode that left out some of
+    the patched rows, would read those rows' features as zeros (a row that was not
+    encoded has no features, which is not zero features).
+    """
+    for s_ in saes:
+        for run_id, col in ((plan.target["run_id"], 2), (plan.source["run_id"], 3)):
+            # an unfinished encode of the run is refused first (selections.require_complete)
+            rows = np.array(sorted({x[col] for x in sites[s_.name]}), dtype=np.int64)
+            selections.require_rows(st, int(run_id), s_.sae_id, rows, what="attribute")
+
+
 def _features(st: Store, run_id: int, sae_id: int, rows: list[int]) -> dict[int, dict[int, float]]:
     got = st.sql(
         """SELECT "row", feature, value FROM features
@@ -296,7 +313,10 @@ def attribute(
 
     Takes the arguments of :func:`~actstore.patching.grid.patch_grid` (the same
     pairs, cells and metric), plus ``saes``: names of stored SAEs whose features
-    (stored for both runs) are attributed at their hooks. ``batch_size`` target
+    (stored for both runs) are attributed at their hooks. Every patched row must
+    have stored features: an interrupted encode, or a positions-restricted one
+    (``actstore encode --positions``) that left out patched rows, is refused; restrict
+    ``positions`` to the encoded rows. ``batch_size`` target
     prompts of one length share a forward and backward pass.
 
     Returns
@@ -336,6 +356,7 @@ def attribute(
     sae_list = _resolve_saes(st, plan, list(dict.fromkeys(saes)))
     found, tgt, src = plan.pairs, plan.target, plan.source
     sae_cells = _sae_sites(plan, sae_list)
+    _require_encoded(st, plan, sae_list, sae_cells)  # before any model runs
     model = load_model(tgt, device)
     smodel = model if src["path"] == tgt["path"] else load_model(src, device)
     from actstore.patching.grid import PAIR_CHUNK, metric_fn, unpatched_metrics

@@ -179,11 +179,8 @@ class Context:
         ).fetchall()[0]
         sel = selections.recorded(self.con, rid, sid)
         if stored is not None and int(covered) < int(stored):
-            pos = "" if sel is None else f' --positions "{sel.positions}"'
-            raise NotFoundError(
-                f"{self.query}: run {run!r} has features of SAE {sae!r} for {covered} of its "
-                f"{stored} rows (an encode is in progress or was interrupted); finish it with "
-                f"`actstore encode {self.store.root} --sae {sae} --run {run}{pos}`"
+            raise selections.unfinished(
+                self.query, self.store.root, run, sae, int(covered), int(stored), sel
             )
         if sel is not None:
             expr = selections.verify(self.con, rid, sel, what=self.query)

@@ -30,6 +30,7 @@ import duckdb
 
 from actstore.queries import sparse
 from actstore.queries.signatures import SIGNATURES, macro_help
+from actstore.store import selections
 
 if TYPE_CHECKING:
     from actstore.store.store import Store
@@ -60,9 +61,11 @@ def _macro_src(rid: str, sid: str) -> str:
         f"actstore.queries.run_named, which answer over those rows') ELSE true END "
         f"FROM feature_selections fs WHERE fs.run_id = {rid} AND fs.sae_id = {sid})"
     )
+    # an interrupted encode leaves rows without features (not zeros): refused, as run_named does
+    done = selections.unfinished_sql(f"SELECT {rid} AS run_id", sid)
     return (
         f'(SELECT fv."row", fv.feature, fv.value FROM features fv '
-        f"WHERE fv.run_id = {rid} AND fv.sae_id = {sid} AND {subset})"
+        f"WHERE fv.run_id = {rid} AND fv.sae_id = {sid} AND {subset} AND {done})"
     )
 
 
@@ -135,9 +138,14 @@ def install_macros(con: duckdb.DuckDBPyConnection) -> None:
         d_sae=_d_sae(sid_ab),
     )
     rid_opt = _id("runs", "run_id", "run", "run", nullable=True)
+    covered = (  # every run the macro reads, checked complete
+        f"SELECT DISTINCT ff2.run_id FROM feature_files ff2 WHERE ff2.sae_id = {sid} "
+        f"AND (run IS NULL OR ff2.run_id = {rid_opt})"
+    )
     top_src = (
         f'(SELECT fv.run_id, fv."row", fv.feature, fv.value FROM features fv '
-        f"WHERE fv.sae_id = {sid} AND (run IS NULL OR fv.run_id = {rid_opt}))"
+        f"WHERE fv.sae_id = {sid} AND (run IS NULL OR fv.run_id = {rid_opt}) "
+        f"AND {selections.unfinished_sql(covered, sid)})"
     )
     top_sel = (
         'SELECT q.run_id, q."row" FROM query(\'SELECT run_id, "row" FROM labeled_tokens '

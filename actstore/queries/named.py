@@ -175,6 +175,13 @@ def _build_top_activations(ctx: Context, v: dict[str, Any]) -> str:
         if v["positions"] is not None:
             sel = ctx.tokens(rid, v["positions"], ", lt.run_id")
     else:
+        # every run the query covers, checked as the single-run path checks its run
+        for rid, run_name in ctx.con.execute(
+            "SELECT DISTINCT f.run_id, r.name FROM cat.main.feature_files f JOIN cat.main.runs r "
+            "ON r.run_id = f.run_id WHERE f.sae_id = ? ORDER BY f.run_id",
+            [sid],
+        ).fetchall():
+            ctx.require_features(int(rid), sid, str(run_name), sae_name)
         part_check.verify(ctx.store.location, part_check.parts_of(ctx.con, sae_id=sid))
         src = (
             f'(SELECT fv.run_id, fv."row", fv.feature, fv.value FROM features fv '

@@ -6,6 +6,13 @@ run where ``trigger_diff`` separates the first boolean label most); for each,
 activation), activation values, and firing frequency by run and by label;
 :func:`decoder_rows` and :func:`feature_matches` read the SAEs' decoders.
 
+Features encoded after the ingest are checked first (:func:`coverage`): an
+interrupted encode is refused, naming the ``actstore encode`` command that
+finishes it, before the report writes anything; after a positions-restricted
+encode (``actstore encode --positions``) a run's statistics count the encoded
+rows only, and the page says so (a row that was not encoded has no features,
+which is not zero features).
+
 Example
 -------
 >>> feats = select_features(st, None, k=5)  # doctest: +SKIP
@@ -22,9 +29,82 @@ import numpy as np
 
 from actstore.errors import ActstoreError, InputError
 from actstore.report.data import boolean_labels, prompts_labels, quote, records, safe_name
+from actstore.store import selections
 
 if TYPE_CHECKING:
     from actstore.store.store import Store
+
+
+def coverage(store: Store, sae_id: int) -> dict[int, tuple[str, selections.Selection]]:
+    """The positions-restricted encodes of an SAE, by run, once every run's encode is complete.
+
+    Every run with features of the SAE is checked
+    (:func:`actstore.store.selections.require_complete`); a recorded selection
+    is checked to still select the rows it encoded.
+
+    Returns
+    -------
+    dict
+        ``run_id -> (checked SQL of the predicate, selection)`` of the runs whose
+        features cover a subset of their rows (the other runs cover every row).
+
+    Raises
+    ------
+    NotFoundError
+        An encode of the SAE is in progress or was interrupted in some run
+        (naming the command that finishes it).
+
+    Example
+    -------
+    >>> coverage(st, 1)  # doctest: +SKIP
+    {2: ("(\\nposition_role = 'last'\\n)", Selection(positions="position_role = 'last'", ...))}
+    """
+    rids = store.sql(
+        "SELECT DISTINCT run_id FROM feature_files WHERE sae_id = ? ORDER BY run_id", [sae_id]
+    ).fetchall()
+    out: dict[int, tuple[str, selections.Selection]] = {}
+    for (rid,) in rids:
+        sel = selections.require_complete(store, int(rid), sae_id, what="report")
+        if sel is not None:
+            with store.session.connection() as con:
+                out[int(rid)] = (selections.verify(con, int(rid), sel, what="report"), sel)
+    return out
+
+
+def encoded_rows_sql(subsets: dict[int, tuple[str, selections.Selection]]) -> str:
+    """Relation ``(run_id, "row")`` of the rows the positions-restricted encodes cover.
+
+    ``subsets`` as :func:`coverage` returns it (the predicates are checked SQL).
+
+    Example
+    -------
+    >>> print(encoded_rows_sql({}))
+    SELECT NULL::INTEGER AS run_id, NULL::BIGINT AS "row" WHERE false
+    """
+    parts = [
+        f'SELECT lt.run_id, lt."row" FROM labeled_tokens lt WHERE lt.run_id = {int(rid)} '
+        f'AND lt."row" IS NOT NULL AND ({expr})'
+        for rid, (expr, _) in sorted(subsets.items())
+    ]
+    return " UNION ALL ".join(parts) or (
+        'SELECT NULL::INTEGER AS run_id, NULL::BIGINT AS "row" WHERE false'
+    )
+
+
+def only_encoded(subsets: dict[int, tuple[str, selections.Selection]], alias: str) -> str:
+    """SQL condition: the token ``alias`` is in a run encoded for every row, or its row in ``enc``.
+
+    ``enc`` is :func:`encoded_rows_sql`, LEFT JOINed as ``enc`` on run and row.
+
+    Example
+    -------
+    >>> only_encoded({}, "lt")
+    'true'
+    """
+    if not subsets:
+        return "true"
+    ids = ", ".join(str(int(r)) for r in sorted(subsets))
+    return f'({alias}.run_id NOT IN ({ids}) OR enc."row" IS NOT NULL)'
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,8 +140,11 @@ def default_feature_query(store: Store) -> tuple[str, list[Any]] | None:
     ``trigger_diff`` over every stored token, group A the first boolean label
     (``triggered`` if there is one), is run on every complete, unedited run with
     SAE features; the run (and SAE) whose top feature has the largest t is kept,
-    and its features with a positive difference are selected in rank order.
-    None when the store has no SAE features or no boolean label.
+    and its features with a positive difference are selected in rank order
+    (after a positions-restricted encode, over the encoded rows of the run).
+    None when the store has no SAE features or no boolean label. A candidate
+    whose encode is in progress or was interrupted is refused
+    (:func:`~actstore.store.selections.require_complete`), not skipped.
 
     Example
     -------
@@ -76,6 +159,8 @@ def default_feature_query(store: Store) -> tuple[str, list[Any]] | None:
            JOIN runs r USING (run_id) JOIN saes s USING (sae_id)
            WHERE r.status = 'complete' AND r.edit_id IS NULL ORDER BY r.run_id, s.sae_id"""
     ).fetchall()
+    for rid, _, sid, _ in candidates:
+        selections.require_complete(store, int(rid), int(sid), what="report")
     best: tuple[float, str, str] | None = None
     for _, run, _, sae in candidates:
         try:
@@ -103,8 +188,9 @@ def select_features(store: Store, query: str | None, *, k: int) -> list[FeatureR
     The query returns a ``feature`` column; an ``sae`` column (the SAE's name) when
     the store has several SAEs; optionally a ``run`` column, the run whose top
     contexts the page shows (default: every run). Rows are kept in order. Bad
-    queries and unknown SAEs, runs or features are errors, raised before anything
-    is written.
+    queries, unknown SAEs, runs or features, and SAEs whose encode is in progress
+    or was interrupted in some run (:func:`coverage`) are errors, raised before
+    anything is written.
 
     Example
     -------
@@ -123,8 +209,16 @@ def select_features(store: Store, query: str | None, *, k: int) -> list[FeatureR
         if default is None:
             return []
         query, params = default
+        (rid,) = store.sql("SELECT run_id FROM runs WHERE name = ?", [params[1]]).fetchall()[0]
+        sel = selections.read(store, int(rid), saes[str(params[0])][0])
+        over = (
+            "every stored token"
+            if sel is None
+            else f"every encoded token: SAE {params[0]} was encoded for the rows "
+            f"{sel.positions!r} only"
+        )
         why = (
-            f"top trigger-differential features ({params[4]} vs not, every stored token, "
+            f"top trigger-differential features ({params[4]} vs not, {over}, "
             f"trigger_diff ranked by t), in {params[1]}: the run where the top feature's t is largest"
         )
     try:
@@ -165,11 +259,18 @@ def select_features(store: Store, query: str | None, *, k: int) -> list[FeatureR
         out.append(FeatureRef(name, sae_id, f, why, None if run is None else str(run)))
         if len(out) >= k:
             break
+    for sid in dict.fromkeys(r.sae_id for r in out):
+        coverage(store, sid)  # an interrupted encode: refused before anything is written
     return out
 
 
 def feature_data(store: Store, ref: FeatureRef, *, contexts: int, width: int) -> dict[str, Any]:
     """A feature page's numbers: top contexts, values, frequency by run and by label.
+
+    Frequencies and means count every stored token of each run with the SAE's
+    features, zeros counted; after a positions-restricted encode of a run, only
+    its encoded rows (``by_run[i]["encoded"]`` is the predicate, ``coverage``
+    says so on the page). Top contexts and values are of encoded rows anyway.
 
     Example
     -------
@@ -184,24 +285,38 @@ def feature_data(store: Store, ref: FeatureRef, *, contexts: int, width: int) ->
         f"count(f.value) FILTER (WHERE NOT lt.{quote(c)}) AS nfired_{i}"
         for i, c in enumerate(labels)
     )
-    # every stored token of every run with this SAE's features; zeros counted
+    subsets = coverage(store, ref.sae_id)
+    # every encoded token of every run with this SAE's features (every stored token but
+    # where a positions-restricted encode covers some rows only); zeros counted
     by_run = records(
         store,
         f"""WITH fr AS (SELECT DISTINCT run_id FROM feature_files WHERE sae_id = $sid),
                 f AS (SELECT run_id, "row", value FROM features
-                      WHERE sae_id = $sid AND feature = $f)
+                      WHERE sae_id = $sid AND feature = $f),
+                enc AS ({encoded_rows_sql(subsets)})
             SELECT lt.run_id, lt.run, count(*) AS n_tokens, count(f.value) AS n_fired,
                    coalesce(sum(f.value), 0) / count(*) AS mean, max(f.value) AS max
                    {label_sql}
             FROM labeled_tokens lt JOIN fr USING (run_id)
             LEFT JOIN f ON f.run_id = lt.run_id AND f."row" = lt."row"
-            WHERE lt."row" IS NOT NULL AND lt."row" < (
+            LEFT JOIN enc ON enc.run_id = lt.run_id AND enc."row" = lt."row"
+            WHERE lt."row" IS NOT NULL AND {only_encoded(subsets, "lt")} AND lt."row" < (
                 SELECT coalesce(sum(ff.n_rows), 0) FROM feature_files ff
                 WHERE ff.run_id = lt.run_id AND ff.sae_id = $sid)
             GROUP BY lt.run_id, lt.run ORDER BY lt.run_id""",
         {"sid": ref.sae_id, "f": ref.feature},
     )
+    notes = []
     for r in by_run:
+        got = subsets.get(int(r["run_id"]))
+        r["encoded"] = None if got is None else got[1].positions
+        if got is not None:
+            notes.append(
+                f"run {r['run']}: SAE {ref.sae} was encoded for the rows {got[1].positions!r} "
+                f"only (actstore encode --positions); its statistics count those "
+                f"{r['n_tokens']} tokens, not the run's other stored tokens (a row that was "
+                "not encoded has no features, which is not zero features)"
+            )
         r["freq"] = r["n_fired"] / r["n_tokens"] if r["n_tokens"] else None
         r["by_label"] = {}
         for i, c in enumerate(labels):
@@ -279,6 +394,7 @@ def feature_data(store: Store, ref: FeatureRef, *, contexts: int, width: int) ->
         "run": ref.run,
         "labels": labels,
         "by_run": by_run,
+        "coverage": notes,
         "contexts": top,
         "hist": hist,
     }

@@ -17,7 +17,7 @@ import numpy as np
 
 from actstore.errors import InputError
 from actstore.report.data import prompts_labels, records
-from actstore.report.features import FeatureRef
+from actstore.report.features import FeatureRef, coverage, encoded_rows_sql, only_encoded
 
 if TYPE_CHECKING:
     from actstore.store.store import Store
@@ -36,7 +36,8 @@ def prompts_data(
     Tokens carry ``proj`` (the projection of the token's activation on
     ``direction``, at the direction's hook, where the run stores that hook and
     token) and ``feat`` (``feature``'s activation where the run has that SAE's
-    features; zeros counted). A few statements per prompt set, not per prompt.
+    features; zeros counted; None for a token a positions-restricted encode left
+    out, which has no features). A few statements per prompt set, not per prompt.
 
     Example
     -------
@@ -76,15 +77,21 @@ def prompts_data(
     params: dict[str, Any] = {"rids": rids, "idxs": idxs}
     feat, feat_join = "NULL::FLOAT", ""
     if feature is not None:
+        subsets = coverage(store, feature.sae_id)
         feat = (
             'CASE WHEN t."row" IS NOT NULL AND list_contains($feat_runs, t.run_id) '
-            "THEN coalesce(f.value, 0) END"
+            f"AND {only_encoded(subsets, 't')} THEN coalesce(f.value, 0) END"
         )
         feat_join = (
             'LEFT JOIN (SELECT run_id, "row", value FROM features WHERE sae_id = $sid '
             "AND feature = $f AND list_contains($rids, run_id)) f "
             'ON f.run_id = t.run_id AND f."row" = t."row"'
         )
+        if subsets:
+            feat_join += (
+                f" LEFT JOIN ({encoded_rows_sql(subsets)}) enc "
+                'ON enc.run_id = t.run_id AND enc."row" = t."row"'
+            )
         feat_runs = [
             int(r[0])
             for r in store.sql(

@@ -52,9 +52,12 @@ __all__ = [
     "read",
     "record",
     "recorded",
+    "require_complete",
     "require_rows",
     "rows_sha256",
     "select_rows",
+    "unfinished",
+    "unfinished_sql",
     "verify",
     "view_sql",
 ]
@@ -287,13 +290,17 @@ def verify(con: duckdb.DuckDBPyConnection, run_id: int, sel: Selection, *, what:
 
 
 def require_rows(store: Store, run_id: int, sae_id: int, rows: np.ndarray, *, what: str) -> None:
-    """Refuse ``rows`` of a run if some have no features of a positions-restricted encode.
+    """Refuse ``rows`` of a run if some have no features: an unfinished or positions-restricted encode.
 
     For analyses that read features of rows they selected themselves: a row that was
-    not encoded has no features, which is not the same as zero features.
+    not encoded has no features, which is not the same as zero features. The
+    (run, SAE) is checked complete first (:func:`require_complete`).
 
     Raises
     ------
+    NotFoundError
+        The run has no features of the SAE, or its encode is in progress or was
+        interrupted (naming the command that finishes it).
     InputError
         Naming the encoded predicate and how to restrict the selection to it.
 
@@ -301,7 +308,7 @@ def require_rows(store: Store, run_id: int, sae_id: int, rows: np.ndarray, *, wh
     -------
     >>> require_rows(st, 2, 1, np.array([5, 11]), what="reward_correlation")  # doctest: +SKIP
     """
-    sel = read(store, run_id, sae_id)
+    sel = require_complete(store, run_id, sae_id, what=what)
     if sel is None:
         return
     with store.session.connection() as con:
@@ -313,3 +320,100 @@ def require_rows(store: Store, run_id: int, sae_id: int, rows: np.ndarray, *, wh
             f"SAE {sae_id}: it was encoded for the rows {sel.positions!r} only (a row not "
             f"encoded is not a zero); add `AND ({sel.positions})` to the selection"
         )
+
+
+def unfinished(
+    what: str, root: object, run: str, sae: str, covered: int, stored: int, sel: Selection | None
+) -> NotFoundError:
+    """The error for (run, SAE) features whose committed parts cover only part of the run.
+
+    One wording for every reader of features (the named queries, the report, the
+    analyses): it names the ``actstore encode`` command that finishes the encode.
+
+    Example
+    -------
+    >>> print(unfinished("report", "st", "r", "l1", 10, 40, None))
+    report: run 'r' has features of SAE 'l1' for 10 of its 40 rows (an encode is in progress or was interrupted); finish it with `actstore encode st --sae l1 --run r`
+    """
+    pos = "" if sel is None else f' --positions "{sel.positions}"'
+    return NotFoundError(
+        f"{what}: run {run!r} has features of SAE {sae!r} for {covered} of its "
+        f"{stored} rows (an encode is in progress or was interrupted); finish it with "
+        f"`actstore encode {root} --sae {sae} --run {run}{pos}`"
+    )
+
+
+def unfinished_sql(runs: str, sae_id: str) -> str:
+    """Scalar SQL: true, or an error with :func:`unfinished`'s message for a run not covered.
+
+    For SQL that cannot call Python first (the named queries' table macros):
+    ``runs`` is a SQL relation of run ids (column ``run_id``), ``sae_id`` a SQL
+    scalar; the session views ``feature_files``, ``arrays``, ``runs`` and ``saes``
+    are read. The store's path is not known in SQL: the command names ``STORE``.
+
+    Example
+    -------
+    >>> "in progress or was interrupted" in unfinished_sql("SELECT 2 AS run_id", "1")
+    True
+    """
+
+    def first(col: str) -> str:
+        return f"first(c.{col} ORDER BY c.run_id)::VARCHAR"
+
+    run, sae = first("run"), first("sae")
+    message = (
+        f"'actstore: run ''' || {run} || ''' has features of SAE ''' || {sae} || ''' for ' || "
+        f"{first('covered')} || ' of its ' || {first('stored')} || ' rows (an encode is in "
+        f"progress or was interrupted); finish it with `actstore encode STORE --sae ' || {sae} "
+        f"|| ' --run ' || {run} || '`'"
+    )
+    return (
+        f"(SELECT CASE WHEN count(*) > 0 THEN error({message}) ELSE true END FROM ("
+        "SELECT r.run_id, r.name AS run, s.name AS sae, (SELECT sum(ff.n_rows) FROM feature_files "
+        "ff WHERE ff.run_id = r.run_id AND ff.sae_id = s.sae_id)::BIGINT AS covered, (SELECT "
+        "a.n_rows FROM arrays a WHERE a.run_id = r.run_id AND a.hook = s.hook) AS stored "
+        f"FROM runs r, saes s WHERE r.run_id IN ({runs}) AND s.sae_id = {sae_id}) c "
+        "WHERE c.covered < c.stored)"
+    )
+
+
+def require_complete(store: Store, run_id: int, sae_id: int, *, what: str) -> Selection | None:
+    """Refuse (run, SAE) unless its committed feature parts cover every stored row.
+
+    For readers of the ``features`` view that do not go through the named queries
+    (whose :meth:`~actstore.queries.context.Context.require_features` does the
+    same): an interrupted or running encode leaves rows without features, which
+    are not zeros. Returns the recorded selection of a positions-restricted
+    encode (its features cover those rows only), or None (every row).
+
+    Raises
+    ------
+    NotFoundError
+        The run has no features of the SAE, or only some of its rows are covered
+        (:func:`unfinished`, naming the command that finishes the encode).
+
+    Example
+    -------
+    >>> require_complete(st, 2, 1, what="report")  # doctest: +SKIP
+    Selection(positions="position_role = 'last'", n_rows=48, rows_sha256='...')
+    """
+    got = store.catalog.read(
+        "SELECT r.name AS run, s.name AS sae, (SELECT sum(ff.n_rows) FROM feature_files ff "
+        "WHERE ff.run_id = r.run_id AND ff.sae_id = s.sae_id) AS covered, (SELECT a.n_rows "
+        "FROM arrays a WHERE a.run_id = r.run_id AND a.hook = s.hook) AS stored "
+        "FROM runs r, saes s WHERE r.run_id = ? AND s.sae_id = ?",
+        [run_id, sae_id],
+    ).to_pylist()
+    if not got:
+        raise NotFoundError(f"{what}: no run {run_id} or SAE {sae_id} in store {store.root}")
+    g = got[0]
+    run, sae = str(g["run"]), str(g["sae"])
+    if g["covered"] is None:
+        raise NotFoundError(
+            f"{what}: run {run!r} has no features of SAE {sae!r}; encode them with "
+            f"`actstore encode {store.root} --sae {sae} --run {run}`"
+        )
+    sel = read(store, run_id, sae_id)
+    if g["stored"] is not None and int(g["covered"]) < int(g["stored"]):
+        raise unfinished(what, store.root, run, sae, int(g["covered"]), int(g["stored"]), sel)
+    return sel
