@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -222,6 +223,44 @@ def child_run_job(cfg: dict[str, Any], hooks: list[str]) -> dict[str, Any]:
     }
 
 
+def child_paired(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Bare body and ``run_job`` alternating in one process: the steady-state ratio.
+
+    One warm-up pair first (imports, first-use costs), then ``cfg["pairs"]`` pairs, the
+    order alternating; each ``run_job`` writes a fresh store and loads its own model.
+    """
+    import torch
+
+    from actstore.ingest.job import IngestJob
+    from actstore.ingest.runner import run_job
+
+    model, ids = _model_and_ids(cfg)
+
+    def bare() -> float:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for x in _batches(ids, cfg["batch"]):
+                model.transformer(x, use_cache=False)
+        return time.perf_counter() - t0
+
+    def ours(i: int) -> float:
+        store = Path(cfg["work"]) / f"store{i}"
+        job = job_dict(cfg, store, ["blocks.*.hook_resid_post"])
+        s = run_job(IngestJob.from_dict(job), quiet=True)
+        shutil.rmtree(store, ignore_errors=True)
+        return float(s.runs[0].seconds)
+
+    bare(), ours(-1)
+    pairs = []
+    for i in range(cfg["pairs"]):
+        if i % 2 == 0:
+            b, r = bare(), ours(i)
+        else:
+            r, b = ours(i), bare()
+        pairs.append({"bare_body_s": b, "run_job_s": r, "ratio": r / b})
+    return {"pairs": pairs, "loop_s": sum(p["run_job_s"] for p in pairs)}
+
+
 def child_main(spec_path: Path) -> None:
     """Run the contender a spec names; its measurements to the spec's ``result`` file."""
     cfg = json.loads(spec_path.read_text())
@@ -239,6 +278,8 @@ def child_main(spec_path: Path) -> None:
         got = child_saelens(cfg)
     elif name == "run_job":
         got = child_run_job(cfg, all_hooks)
+    elif name == "paired":
+        got = child_paired(cfg)
     elif name == "layers03":
         got = child_run_job(cfg, [f"blocks.{i}.hook_resid_post" for i in range(4)])
     else:
