@@ -252,11 +252,11 @@ def forward_batch(
     -------
     >>> acts, logits_BSV = forward_batch(model, hooks, inputs, logits=True)  # doctest: +SKIP
     """
-    inputs = {**inputs, "use_cache": False}  # nothing reads a KV cache of the capture pass
+    # nothing reads a KV cache of the capture pass
     if not logits:
-        return run_capture(model, hooks, **inputs), None
+        return run_capture(model, hooks, **inputs, use_cache=False), None
     with capture(model, hooks) as hooked:
-        logits_BSV = model(**inputs).logits
+        logits_BSV = model(**inputs, use_cache=False).logits
     return {h: hooked[h] for h in hooks}, logits_BSV
 
 

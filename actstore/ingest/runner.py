@@ -72,6 +72,7 @@ from actstore.ingest.summary import IngestSummary, RunSummary
 from actstore.ingest.token_kl import TokenDiffs, check_store
 from actstore.store import objects
 from actstore.store.arrays import import_zarr
+from actstore.store.heap import slack_from_env
 
 TORCH_STORE = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -455,6 +456,7 @@ def run_job(
     if quiet is None:
         quiet = not sys.stderr.isatty()
     p = plan(job)
+    slack_from_env()  # a bad $ACTSTORE_HEAP_SLACK_MIB is refused before anything is written
     model_name = (
         job.model.name or Path(job.model.path or next(iter(p.checkpoint_paths.values()))[0]).name
     )

@@ -34,10 +34,39 @@ import ctypes.util
 import os
 from collections.abc import Callable
 
-__all__ = ["DEFAULT_SLACK", "HeapBound", "release_freed_memory", "resident_anon_bytes"]
+__all__ = [
+    "DEFAULT_SLACK",
+    "HeapBound",
+    "release_freed_memory",
+    "resident_anon_bytes",
+    "slack_from_env",
+]
 
 DEFAULT_SLACK = 256 << 20
-"""Bytes the resident memory may grow between two releases (256 MiB)."""
+"""Bytes the resident memory may grow between two releases (256 MiB) unless
+``$ACTSTORE_HEAP_SLACK_MIB`` says otherwise (a larger bound releases less often: fewer
+page faults, a higher peak; ``benchmarks/bench_memory.py`` measures both)."""
+
+
+def slack_from_env() -> int:
+    """The bound in bytes: ``$ACTSTORE_HEAP_SLACK_MIB`` MiB if set, else :data:`DEFAULT_SLACK`.
+
+    Example
+    -------
+    >>> slack_from_env() > 0
+    True
+    """
+    raw = os.environ.get("ACTSTORE_HEAP_SLACK_MIB")
+    if raw is None:
+        return DEFAULT_SLACK
+    if not raw.strip().isdigit():
+        from actstore.errors import InputError
+
+        raise InputError(
+            f"ACTSTORE_HEAP_SLACK_MIB={raw!r} is not a whole number of MiB; set it to e.g. 512"
+        )
+    return int(raw) << 20
+
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -92,7 +121,7 @@ class HeapBound:
     Parameters
     ----------
     slack
-        Bytes of growth allowed between releases (default :data:`DEFAULT_SLACK`).
+        Bytes of growth allowed between releases (default :func:`slack_from_env`).
 
     Example
     -------
@@ -101,7 +130,7 @@ class HeapBound:
     """
 
     def __init__(self, slack: int | None = None) -> None:
-        self.slack = DEFAULT_SLACK if slack is None else slack
+        self.slack = slack_from_env() if slack is None else slack
         self.releases = 0
         self._base = resident_anon_bytes()
 

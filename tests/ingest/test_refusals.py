@@ -118,3 +118,9 @@ def test_the_lock_is_held_for_the_whole_job(job, monkeypatch):
     run_job(IngestJob.from_dict(job), quiet=True)
     assert len(seen) == 2
     write_lock(actstore.open(job["store"]).location).release()  # released at the end
+
+
+def test_a_bad_heap_bound_in_the_environment(job, monkeypatch):
+    job["prompts"].append({"name": "more", "path": job["prompts"][0]["path"]})
+    monkeypatch.setenv("ACTSTORE_HEAP_SLACK_MIB", "1.5G")
+    refused(job, "ACTSTORE_HEAP_SLACK_MIB='1.5G' is not a whole number of MiB")

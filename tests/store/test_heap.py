@@ -87,3 +87,15 @@ def test_release_measures_the_new_level() -> None:
     b.release()
     assert b.releases == 1
     assert b.after_batch() is False  # just released: nothing has grown past the bound
+
+
+def test_slack_from_the_environment(monkeypatch) -> None:
+    from actstore.errors import InputError
+
+    monkeypatch.setenv("ACTSTORE_HEAP_SLACK_MIB", "512")
+    assert heap.HeapBound().slack == 512 << 20
+    monkeypatch.setenv("ACTSTORE_HEAP_SLACK_MIB", "lots")
+    with pytest.raises(InputError, match="ACTSTORE_HEAP_SLACK_MIB='lots' is not a whole number"):
+        heap.HeapBound()
+    monkeypatch.delenv("ACTSTORE_HEAP_SLACK_MIB")
+    assert heap.HeapBound().slack == heap.DEFAULT_SLACK
