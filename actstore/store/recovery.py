@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from actstore.store import shardio as _shardio
 from actstore.store.format import FEATURES_DIR
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ def _shard_temporaries(store: Store) -> list[str]:
         return []
     root = store.location.local_path
     removed = []
-    for p in sorted((root / "arrays").glob("run*/*/c/*/0.*.partial")):
+    for p in sorted((root / "arrays").glob(f"run*/*/c/*/{_shardio.TEMPORARY_GLOB}")):
         p.unlink(missing_ok=True)
         removed.append(p.relative_to(root).as_posix())
     return removed

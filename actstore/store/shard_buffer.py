@@ -17,6 +17,7 @@ Example
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -50,7 +51,6 @@ class HookBuffer:
     buf: np.ndarray | None = None  # on-disk dtype (uint16 bits for bfloat16)
     wrote: bool = False  # a whole shard was written since the writer last looked
     stream: _shardio.ShardStream | None = None  # the open shard's file, chunk by chunk
-    _raw: bool | None = None  # whether the array's shard files can be written directly
 
     @property
     def end(self) -> int:
@@ -100,26 +100,23 @@ class HookBuffer:
         self._stream()
         return stored
 
+    @functools.cached_property
+    def _layout(self) -> _shardio.RawShardLayout | None:
+        """The array's raw shard layout if its shard files can be streamed, else None.
+
+        Only its geometry is used (its ``n_rows`` is the array's size when first asked).
+        """
+        lay = _shardio.raw_layout(self.arr)
+        return lay if lay is not None and lay.shard_rows == self.shard_rows else None
+
     def _stream(self) -> None:
         """Write the open shard's inner chunks that are full to its temporary file."""
-        if self.end <= self.disk_rows or not self._can_stream():
+        if self.end <= self.disk_rows or self._layout is None:
             return
         if self.stream is None:
-            lay = _shardio.raw_layout(self.arr)
-            assert lay is not None
-            self.stream = _shardio.ShardStream(lay, self.start // self.shard_rows)
+            self.stream = _shardio.ShardStream(self._layout, self.start // self.shard_rows)
         assert self.buf is not None
         self.stream.write_chunks(self.buf, self.fill)
-
-    def _can_stream(self) -> bool:
-        if self._raw is None:
-            lay = _shardio.raw_layout(self.arr)
-            self._raw = (
-                lay is not None
-                and lay.shard_rows == self.shard_rows
-                and np.dtype(self.arr.dtype).newbyteorder("<") == lay.dtype
-            )
-        return self._raw
 
     def _finish(self) -> None:
         """Write the open shard's first ``fill`` rows as its file: the stream's rest, or whole."""

@@ -62,11 +62,13 @@ if TYPE_CHECKING:  # zarr is imported when an array is opened (actstore.store.ar
 
 __all__ = [
     "MISSING",
+    "TEMPORARY_GLOB",
     "RawShardLayout",
     "ShardStream",
     "parse_layout",
     "raw_layout",
     "shard_bytes",
+    "temporary_path",
     "whole_shards",
     "write_shards",
 ]
@@ -326,7 +328,7 @@ class ShardStream:
         self.lay = lay
         self.path = lay.shard_path(shard)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_suffix(f".{uuid.uuid4().hex}.partial")  # as _atomic_write
+        self.tmp = temporary_path(self.path)
         self._fd: int | None = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         self.chunks = 0  # inner chunks written so far
 
@@ -421,10 +423,27 @@ def _write_all(fd: int, pieces: Sequence[Any]) -> None:
                 break
 
 
+TEMPORARY_GLOB = "*.partial"
+"""What the temporary files of shards being written match (see :func:`temporary_path`)."""
+
+
+def temporary_path(path: Path) -> Path:
+    """The temporary name a shard file is written under before it is renamed to ``path``.
+
+    zarr's ``LocalStore`` naming: ``c/S/0.<uuid>.partial`` beside ``c/S/0``.
+
+    Example
+    -------
+    >>> temporary_path(Path("a/c/0/0")).match(TEMPORARY_GLOB)
+    True
+    """
+    return path.with_suffix(f".{uuid.uuid4().hex}.partial")
+
+
 def _atomic_write(path: Path, pieces: Sequence[Any]) -> None:
     """Write ``pieces`` to ``path`` through a temporary file renamed into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{uuid.uuid4().hex}.partial")  # zarr's LocalStore naming
+    tmp = temporary_path(path)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
