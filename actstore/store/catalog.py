@@ -2,8 +2,9 @@
 
 DuckDB lets one process write a database file, and no process read it while one
 writes. A store must be readable while an ingest writes to it, so nobody holds
-the file for long: a writer opens it for one transaction (one committed batch)
-and closes it; a reader attaches it read-only for one statement and detaches it.
+the file for long: a writer attaches it for one transaction (one committed batch)
+and detaches it; a reader attaches it read-only for one statement and detaches it
+(both to one DuckDB per process, :mod:`actstore.store.attach`, not a new one each).
 Whoever finds the file locked retries with a short back-off, so readers and
 writers never wait for each other longer than one commit or one query.
 In one process a lock per path serialises the two (DuckDB's file locks are per
@@ -37,6 +38,7 @@ import duckdb
 import pyarrow as pa
 
 from actstore.errors import CorruptChunkError, StoreLockedError
+from actstore.store import attach as _attach
 
 T = TypeVar("T")
 
@@ -194,18 +196,14 @@ class Catalog:
         >>> with cat.write() as con:
         ...     _ = con.execute("INSERT INTO meta VALUES ('k', 'v')")
         """
-        with self._lock:
-            con = self._retry("write", lambda: duckdb.connect(str(self.path)))
+        with self._lock, _attach.attached(self.path, read_only=False, retry=self._retry) as con:
+            con.execute("BEGIN TRANSACTION")
             try:
-                con.execute("BEGIN TRANSACTION")
-                try:
-                    yield con
-                except BaseException:
-                    con.execute("ROLLBACK")
-                    raise
-                con.execute("COMMIT")
-            finally:
-                con.close()
+                yield con
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
 
     def transact(self, body: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
         """Run ``body(con)`` in one write transaction and return its result.
@@ -245,6 +243,10 @@ class Catalog:
             finally:
                 con.execute(f"DETACH {alias}")
 
+    def _read_path(self) -> Path:
+        """The file that reads attach (a remote catalog's newest generation, downloaded)."""
+        return self.path
+
     def read(self, query: str, params: Sequence[Any] | dict[str, Any] | None = None) -> pa.Table:
         """Run one read-only query against the catalog alone and return it as Arrow.
 
@@ -255,21 +257,17 @@ class Catalog:
         >>> cat.read("SELECT 1 AS one").to_pylist()
         [{'one': 1}]
         """
-        mem = duckdb.connect()
         try:
-            with self.attached(mem):
-                mem.execute("USE cat")
-                try:
-                    return query_arrow(mem, query, params)
-                finally:
-                    mem.execute("USE memory")
+            with (
+                self._lock,
+                _attach.attached(self._read_path(), read_only=True, retry=self._retry) as con,
+            ):
+                return query_arrow(con, query, params)
         except duckdb.Error as e:
             bad = damaged_catalog(self.path, e)
             if bad is None:
                 raise
             raise bad from None
-        finally:
-            mem.close()
 
 
 _CORRUPT = ("corrupt database", "checksum", "not a valid duckdb database", "failed to read")

@@ -305,6 +305,9 @@ class RemoteCatalog(Catalog):
                 time.sleep(random.uniform(0.01, 0.05) * (attempt + 1))
         raise AssertionError("unreachable")
 
+    def _read_path(self) -> Path:
+        return self._reader_copy()
+
     @contextmanager
     def attached(self, con: duckdb.DuckDBPyConnection, alias: str = "cat") -> Iterator[None]:
         """Attach the newest generation read-only to ``con`` for the duration of a block.
