@@ -169,3 +169,42 @@ def token_table(
             "row": pa.array(row, pa.int64(), mask=~stored),
         }
     )
+
+
+def stored_stats(arrays: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Each hook's :class:`~actstore.store.hookstats.HookStats` of a batch's stored rows, in torch.
+
+    The same sums as :meth:`HookStats.of` (exact squares: float16 and bfloat16 in
+    float32, float32 in float64; sums accumulated in float64), computed where the
+    rows are, on the model's threads (or its GPU) as the batch is cast, so the
+    writer thread only copies and writes. ``arrays`` are the rows as stored
+    (already cast to the store dtype).
+
+    Example
+    -------
+    >>> s = stored_stats({"h": torch.ones(4, 3, dtype=torch.float16)})["h"]
+    >>> s.n, s.mean_D.tolist(), s.norm_max
+    (4, [1.0, 1.0, 1.0], 1.7320508075688772)
+    """
+    from actstore.store.hookstats import HookStats
+
+    out = {}
+    for h, t in arrays.items():
+        n = int(t.shape[0])
+        if n == 0:
+            out[h] = HookStats.empty(int(t.shape[1]))
+            continue
+        x = t.float() if t.dtype in (torch.float16, torch.bfloat16) else t.double()
+        sq = x * x
+        s1 = x.sum(0, dtype=torch.float64)
+        mean = s1 / n
+        m2 = (sq.sum(0, dtype=torch.float64) - s1 * mean).clamp_min(0.0)
+        norms = sq.sum(1, dtype=torch.float64).sqrt()
+        out[h] = HookStats(
+            n,
+            mean.cpu().numpy(),
+            m2.cpu().numpy(),
+            float(norms.sum()),
+            float(norms.max()),
+        )
+    return out

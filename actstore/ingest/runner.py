@@ -42,7 +42,13 @@ from actstore.ingest import positions as _pos
 from actstore.ingest.batch_context import BatchContext as BatchContext  # re-exported
 from actstore.ingest.batch_context import EditContext, _context
 from actstore.ingest.batch_context import Intervention as Intervention  # re-exported
-from actstore.ingest.batches import BackgroundWriter, pad_batch, progress_bar, token_table
+from actstore.ingest.batches import (
+    BackgroundWriter,
+    pad_batch,
+    progress_bar,
+    stored_stats,
+    token_table,
+)
 from actstore.ingest.capture_pass import (
     forward_batch,
     host_arrays,
@@ -72,7 +78,7 @@ from actstore.ingest.summary import IngestSummary, RunSummary
 from actstore.ingest.token_kl import TokenDiffs, check_store
 from actstore.store import objects
 from actstore.store.arrays import import_zarr
-from actstore.store.heap import slack_from_env
+from actstore.store.heap import adapt_thresholds, slack_from_env
 
 TORCH_STORE = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -364,7 +370,11 @@ def _ingest_run(
                 features = {}
                 for s in p.saes:
                     features[sae_ids[s.name]] = encode_sparse(s.sae, rows_ND[s.hook].float())
-                arrays, ready = host_arrays(rows_ND, store_dtype)
+                cast_ND = {h: r.to(store_dtype) for h, r in rows_ND.items()}
+                # on the CPU the batch's statistics are summed on the model's threads,
+                # which have the cores; on a GPU the writer thread sums the host copies
+                stats = stored_stats(cast_ND) if torch.device(p.device).type == "cpu" else None
+                arrays, ready = host_arrays(cast_ND, store_dtype)
             bg.put(
                 {
                     "arrays": arrays,
@@ -376,6 +386,7 @@ def _ingest_run(
                     "scores": scores_t,
                     "attention": attention,
                     "other": other,
+                    "stats": stats,
                 },
                 ready,
             )
@@ -519,6 +530,7 @@ def _run_all(
     t0: float,
 ) -> IngestSummary:
     import_zarr()  # once, as the models load: not on the first run's clock
+    adapt_thresholds()  # the model's temporaries reuse heap pages (actstore.store.heap)
     model_id = objects.add_model(
         st,
         name=model_name,

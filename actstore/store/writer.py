@@ -201,6 +201,7 @@ class RunWriter:
         scores: pa.Table | Mapping[str, Any] | None = None,
         attention: pa.Table | None = None,
         other: Mapping[str, pa.Table] | None = None,
+        stats: Mapping[str, _hookstats.HookStats] | None = None,
     ) -> None:
         """Queue one batch; it is committed by a later flush (automatic) or :meth:`close`.
 
@@ -223,6 +224,10 @@ class RunWriter:
         other
             Table name -> whole rows for other catalog tables (which must exist),
             inserted by column name in the batch's commit (e.g. ``token_diffs``).
+        stats
+            Hook name -> statistics of exactly these rows as stored (after the cast
+            to the store dtype), when the caller has computed them (the ingest does,
+            on the model's threads); computed here from the stored rows otherwise.
 
         Example
         -------
@@ -246,10 +251,18 @@ class RunWriter:
         first_row = self._next_row
         # rows go straight into each hook's open-shard buffer (on-disk bits, uint16 for
         # bfloat16); a shard is written as soon as it is full
+        if stats is not None and (
+            set(stats) != set(arrays) or any(stats[h].n != sizes[h] for h in arrays)
+        ):
+            raise InputError(
+                f"run {self.run_id}: batch statistics must cover each hook's rows "
+                f"{sizes}; got { ({h: s.n for h, s in stats.items()}) }"
+            )
         stored = {h: self._buffers[h].add(a) for h, a in arrays.items()}
-        stats = _hookstats.batch_stats(  # of the values as stored (see actstore.store.hookstats)
-            stored, {h: _arrays.logical_dtype(self._buffers[h].arr) for h in arrays}
-        )
+        if stats is None:  # of the values as stored (see actstore.store.hookstats)
+            stats = _hookstats.batch_stats(
+                stored, {h: _arrays.logical_dtype(self._buffers[h].arr) for h in arrays}
+            )
         del stored
         self._pending.append(
             _Pending(
@@ -263,7 +276,7 @@ class RunWriter:
                 generations=_as_table(generations, "generations"),
                 scores=_as_table(scores, "scores"),
                 attention=attention if attention is not None and attention.num_rows else None,
-                stats=stats,
+                stats=dict(stats),
                 other=dict(other or {}),
             )
         )
