@@ -66,9 +66,13 @@ def _save(out: Path, layer: int, b: int, acts_BSD: Any) -> None:
     )
 
 
-def child_bare(cfg: dict[str, Any], full: bool) -> dict[str, Any]:
+def child_bare(cfg: dict[str, Any], full: bool, adapted: bool = False) -> dict[str, Any]:
     import torch
 
+    if adapted:  # glibc's heap thresholds where actstore's ingest puts them
+        from actstore.store.heap import adapt_thresholds
+
+        adapt_thresholds()
     model, ids = _model_and_ids(cfg)
     run = model if full else model.transformer
     t0 = time.perf_counter()
@@ -266,8 +270,8 @@ def child_main(spec_path: Path) -> None:
     cfg = json.loads(spec_path.read_text())
     name = cfg["contender"]
     all_hooks = ["blocks.*.hook_resid_post"]
-    if name in ("bare_body", "bare_full"):
-        got = child_bare(cfg, full=name == "bare_full")
+    if name in ("bare_body", "bare_full", "bare_body_adapted"):
+        got = child_bare(cfg, full=name == "bare_full", adapted=name == "bare_body_adapted")
     elif name == "hf_hidden":
         got = child_hf_hidden(cfg)
     elif name == "nnsight":

@@ -99,3 +99,43 @@ def test_slack_from_the_environment(monkeypatch) -> None:
         heap.HeapBound()
     monkeypatch.delenv("ACTSTORE_HEAP_SLACK_MIB")
     assert heap.HeapBound().slack == heap.DEFAULT_SLACK
+
+
+# In a fresh interpreter: how many bytes of fresh mappings glibc makes for one 20 MiB
+# block (its own accounting, mallinfo2's hblkhd), with or without adapt_thresholds.
+ADAPT_CHILD = r"""
+import ctypes, json, sys
+sys.path[:0] = [sys.argv[1]]
+from actstore.store import heap
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks",
+        "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+adapted = [heap.adapt_thresholds(), heap.adapt_thresholds()] if sys.argv[2] == "adapt" else []
+before = libc.mallinfo2().hblkhd
+block = libc.malloc(20 << 20)
+print(json.dumps({"adapted": adapted, "mapped": libc.mallinfo2().hblkhd - before}))
+libc.free(block)
+"""
+
+
+def _adapt_child(mode: str) -> dict:
+    root = str(Path(heap.__file__).parents[2])
+    out = subprocess.run(
+        [sys.executable, "-c", ADAPT_CHILD, root, mode],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return json.loads(out.stdout)
+
+
+def test_adapted_thresholds_serve_large_blocks_from_the_heap() -> None:
+    plain, adapted = _adapt_child("plain"), _adapt_child("adapt")
+    assert plain["mapped"] >= 20 << 20  # a fresh mapping, faulted in on every use
+    assert adapted == {"adapted": [True, False], "mapped": 0}  # reused heap pages; once
