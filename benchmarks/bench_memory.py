@@ -3,11 +3,14 @@
 On a randomly initialised model of GPT-2-small shape (12 layers x 768), capturing every layer's
 ``resid_post`` at every token, float16 on disk, batch 16 (the conditions of ``bench_ingest.py``),
 each ingest runs in a fresh process and reports its peak RSS (``ru_maxrss``), minor page faults
-and user/system CPU time. Three allocator settings, in the same run:
+and user/system CPU time. Four allocator settings, in the same run:
 
-* ``default``: glibc as it comes, and the writer's heap bound (``actstore.store.heap``): freed
+* ``default``: glibc's thresholds adapted as the ingest starts (``heap.adapt_thresholds``), and
+  the writer's heap bound (``actstore.store.heap``): freed
   heap pages go back to the OS whenever resident memory grew 256 MiB since the last release
   (what ``run_job`` does);
+* ``unadapted``: the same without ``heap.adapt_thresholds`` (glibc's adaptive mmap and trim
+  thresholds left at their initial 128 KiB / 256 KiB until a large block happens to be freed);
 * ``per_shard``: glibc as it comes, freed pages given back only once per shard written (the
   writer before the heap bound);
 * ``mmap_4mib``: ``mallopt(M_MMAP_THRESHOLD, 4 MiB)`` set for the whole process first, the
@@ -39,9 +42,11 @@ INGEST = """
 import ctypes, ctypes.util, json, resource, sys, time
 if sys.argv[3] == "mmap_4mib":
     ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(-3, 4 << 20)
+import actstore.store.heap
 if sys.argv[3] in ("mmap_4mib", "per_shard"):  # no heap bound: released once per shard only
-    import actstore.store.heap
     actstore.store.heap.DEFAULT_SLACK = 1 << 60
+if sys.argv[3] == "unadapted":  # the heap bound, glibc's thresholds left where they start
+    actstore.store.heap._adapted = True
 import torch
 torch.set_num_threads(int(sys.argv[2]))
 from actstore.ingest.job import IngestJob
@@ -76,7 +81,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
-        "--malloc", default="default,per_shard,mmap_4mib", help="allocator settings to run"
+        "--malloc",
+        default="default,unadapted,per_shard,mmap_4mib",
+        help="allocator settings to run",
     )
     args = ap.parse_args()
     counts = [int(c) for c in args.counts.split(",")]

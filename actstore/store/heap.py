@@ -10,10 +10,11 @@ in use 260 MiB throughout, free-but-resident pages 440 -> 850 MiB over 32 batche
 
 :class:`HeapBound` bounds that growth: after each batch it reads the process's
 resident anonymous memory (one read of ``/proc/self/statm``, a few microseconds)
-and, when it has grown by more than ``slack`` bytes since the last release, calls
+and, when it has grown by more than ``slack`` bytes since the last release (not
+counting the writer's own shard buffers, :meth:`HeapBound.hold`), calls
 ``malloc_trim(0)``, which returns every whole free page of every arena to the OS
 (``madvise(MADV_DONTNEED)``); what is in use is untouched. Peak memory is then the
-level after a release plus ``slack``, whatever the number of prompts. A release
+level after a release plus the buffers plus ``slack``, whatever the number of prompts. A release
 costs the page faults of touching those pages again (less than the per-allocation
 faults of a low ``M_MMAP_THRESHOLD``, which would turn every large tensor of the
 model into a fresh mapping); nothing changes the allocator's settings for the
@@ -189,7 +190,24 @@ class HeapBound:
     def __init__(self, slack: int | None = None) -> None:
         self.slack = slack_from_env() if slack is None else slack
         self.releases = 0
+        self._held = 0
         self._base = resident_anon_bytes()
+
+    def hold(self, nbytes: int) -> None:
+        """The owner now keeps ``nbytes`` in use (its shard buffers): not counted as growth.
+
+        A writer's buffers are in use, not freed, so touching them is not what the
+        bound is for; without this, filling the first shard (288 MiB of buffers for
+        12 hooks x 768 float16) set off releases that only made the model fault its
+        freed pages in again. Peak memory is then the level after a release plus
+        the held bytes plus ``slack``.
+
+        Example
+        -------
+        >>> b = HeapBound(slack=0); b.hold(1 << 40); b.after_batch()
+        False
+        """
+        self._held = nbytes
 
     def after_batch(self) -> bool:
         """Release if memory grew past the bound; True if it released (or cannot measure).
@@ -202,7 +220,7 @@ class HeapBound:
         now = resident_anon_bytes()
         if now is None or self._base is None:
             return True
-        if now - self._base <= self.slack:
+        if now - self._held - self._base <= self.slack:
             return False
         self.release()
         return True
@@ -216,4 +234,5 @@ class HeapBound:
         """
         release_freed_memory()
         self.releases += 1
-        self._base = resident_anon_bytes()
+        now = resident_anon_bytes()
+        self._base = None if now is None else now - self._held

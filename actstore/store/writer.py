@@ -348,9 +348,13 @@ class RunWriter:
             for buf in self._buffers.values():
                 wrote = buf.wrote or wrote
                 buf.wrote = False
-            if wrote:  # once per shard: what the batches freed goes back to the OS
+            # the shard buffers are in use: not growth for the heap bound (actstore.store.heap)
+            self._heap.hold(sum(b.buf.nbytes for b in self._buffers.values() if b.buf is not None))
+            if final:  # the buffers are dropped next: a release would only cost the run time
+                pass
+            elif wrote:  # once per shard: what the batches freed goes back to the OS
                 self._heap.release()
-            else:  # and whenever it grew by more than the bound (actstore.store.heap)
+            else:  # and whenever it grew by more than the bound
                 self._heap.after_batch()
             durable = min((b.disk_rows for b in self._buffers.values()), default=self._next_row)
             ready = [p for p in self._pending if p.first_row + p.n_rows <= durable]

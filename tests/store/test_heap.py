@@ -139,3 +139,15 @@ def test_adapted_thresholds_serve_large_blocks_from_the_heap() -> None:
     plain, adapted = _adapt_child("plain"), _adapt_child("adapt")
     assert plain["mapped"] >= 20 << 20  # a fresh mapping, faulted in on every use
     assert adapted == {"adapted": [True, False], "mapped": 0}  # reused heap pages; once
+
+
+def test_bytes_the_owner_holds_are_not_growth() -> None:
+    import numpy as np
+
+    bound = heap.HeapBound(slack=32 << 20)
+    block = np.ones(96 << 20, np.uint8)  # touched and in use, as a writer's shard buffers
+    bound.hold(block.nbytes)
+    assert bound.after_batch() is False
+    bound.hold(0)
+    assert bound.after_batch() is True  # the same memory, not held: past the slack
+    del block
