@@ -146,8 +146,9 @@ def adapt_thresholds() -> bool:
     large enough block happens to be freed, a transformer's forward pass (its
     MLP's temporaries are about 50 MiB per layer for a batch of 1,024
     GPT-2-small tokens) touches fresh pages every layer: 147,000 page faults
-    (575 MiB) per batch, 20-25% of the bare forward pass's time on the benchmark
-    machine, against none once the thresholds are up, whichever of the two runs.
+    (575 MiB) per batch in some processes, about 10-15% of the bare forward pass's
+    time on the benchmark machine (more in a first pass), against none to a few
+    thousand once the thresholds are up, whichever of the two runs.
     This frees one mapped block just under 32 MiB (never touched, so it costs
     no memory), which is what glibc itself does on the first such free: the
     thresholds stay adaptive (no ``mallopt``), the memory flat
