@@ -249,15 +249,16 @@ class RunWriter:
                 f"run {self.run_id}: each hook needs one row per stored token ({n_rows}); got {sizes}"
             )
         first_row = self._next_row
-        # rows go straight into each hook's open-shard buffer (on-disk bits, uint16 for
-        # bfloat16); a shard is written as soon as it is full
         if stats is not None and (
             set(stats) != set(arrays) or any(stats[h].n != sizes[h] for h in arrays)
         ):
+            got = {h: s.n for h, s in stats.items()}
             raise InputError(
                 f"run {self.run_id}: batch statistics must cover each hook's rows "
-                f"{sizes}; got { ({h: s.n for h, s in stats.items()}) }"
+                f"{sizes}; got {got}"
             )
+        # rows go straight into each hook's open-shard buffer (on-disk bits, uint16 for
+        # bfloat16); a shard is written as soon as it is full
         stored = {h: self._buffers[h].add(a) for h, a in arrays.items()}
         if stats is None:  # of the values as stored (see actstore.store.hookstats)
             stats = _hookstats.batch_stats(
