@@ -38,6 +38,7 @@ Example
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -109,7 +110,15 @@ def local_client(n_workers: int = 2, threads_per_worker: int = 1, **cluster: Any
         "silence_logs": logging.WARNING,
         **cluster,
     }
-    return Client(LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, **opts))
+    before = dict(os.environ)
+    try:
+        local = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, **opts)
+    finally:  # each nanny sets its workers' variables (distributed.nanny.pre-spawn-environ:
+        # MALLOC_TRIM_THRESHOLD_, OMP_NUM_THREADS=1...) in this process's environment; they
+        # would reach every process it starts later (an ingest with one thread)
+        os.environ.clear()
+        os.environ.update(before)
+    return Client(local)
 
 
 def _compute(client: Any, *xs: Any) -> tuple[Any, ...]:

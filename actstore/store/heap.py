@@ -153,7 +153,8 @@ def adapt_thresholds() -> bool:
     no memory), which is what glibc itself does on the first such free: the
     thresholds stay adaptive (no ``mallopt``), the memory flat
     (:class:`HeapBound` still bounds the heap). Once per process; a no-op
-    without glibc or when something set the thresholds with ``mallopt``.
+    without glibc, and changes nothing where something set a threshold (``mallopt``,
+    or glibc's ``MALLOC_TRIM_THRESHOLD_``-style environment variables).
 
     Example
     -------

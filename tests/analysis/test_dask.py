@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -19,11 +21,26 @@ pytest.importorskip("distributed")
 H1, H2 = "blocks.1.hook_resid_post", "blocks.2.hook_resid_post"
 
 
+_ENV_BEFORE: dict[str, str] = {}
+
+
 @pytest.fixture(scope="module")
 def client():
     """Two single-threaded worker processes: the blocks really travel between processes."""
+    _ENV_BEFORE.update(os.environ)
     with adask.local_client(n_workers=2, threads_per_worker=1) as c:
         yield c
+
+
+def test_starting_the_cluster_leaves_this_processs_environment(client):
+    # the nannies put their workers' variables (MALLOC_TRIM_THRESHOLD_, OMP_NUM_THREADS=1)
+    # into the environment of the process that starts them; local_client takes them out
+    assert client.run(lambda: os.environ.get("OMP_NUM_THREADS")) != {}
+
+    def env(e):
+        return {k: v for k, v in e.items() if k != "PYTEST_CURRENT_TEST"}
+
+    assert env(os.environ) == env(_ENV_BEFORE)
 
 
 def angle(a: np.ndarray, b: np.ndarray) -> float:

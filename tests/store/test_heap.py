@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -123,14 +124,16 @@ libc.free(block)
 """
 
 
-def _adapt_child(mode: str) -> dict:
+def _adapt_child(mode: str, **malloc_env: str) -> dict:
     root = str(Path(heap.__file__).parents[2])
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
     out = subprocess.run(
         [sys.executable, "-c", ADAPT_CHILD, root, mode],
         capture_output=True,
         text=True,
         check=True,
         timeout=60,
+        env={**env, **malloc_env},
     )
     return json.loads(out.stdout)
 
@@ -139,6 +142,13 @@ def test_adapted_thresholds_serve_large_blocks_from_the_heap() -> None:
     plain, adapted = _adapt_child("plain"), _adapt_child("adapt")
     assert plain["mapped"] >= 20 << 20  # a fresh mapping, faulted in on every use
     assert adapted == {"adapted": [True, False], "mapped": 0}  # reused heap pages; once
+
+
+def test_thresholds_someone_set_stay_as_they_were_set() -> None:
+    # a threshold set by the environment (as dask's nannies set one for their workers)
+    # turns glibc's adaptation off: adapt_thresholds changes nothing then
+    got = _adapt_child("adapt", MALLOC_TRIM_THRESHOLD_="65536")
+    assert got["mapped"] >= 20 << 20
 
 
 def test_bytes_the_owner_holds_are_not_growth() -> None:
