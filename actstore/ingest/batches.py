@@ -196,15 +196,10 @@ def stored_stats(arrays: dict[str, torch.Tensor]) -> dict[str, Any]:
             continue
         x = t.float() if t.dtype in (torch.float16, torch.bfloat16) else t.double()
         sq = x * x
-        s1 = x.sum(0, dtype=torch.float64)
-        mean = s1 / n
-        m2 = (sq.sum(0, dtype=torch.float64) - s1 * mean).clamp_min(0.0)
-        norms = sq.sum(1, dtype=torch.float64).sqrt()
-        out[h] = HookStats(
-            n,
-            mean.cpu().numpy(),
-            m2.cpu().numpy(),
-            float(norms.sum()),
-            float(norms.max()),
+        sums = (
+            x.sum(0, dtype=torch.float64),
+            sq.sum(0, dtype=torch.float64),
+            sq.sum(1, dtype=torch.float64),
         )
+        out[h] = HookStats.from_sums(*(s.cpu().numpy() for s in sums))
     return out

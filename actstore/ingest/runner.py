@@ -294,6 +294,7 @@ def _ingest_run(
     ride = rides_on_generation(job)
     todo = sum(len(tp.ids) for _, lo, hi in todo_batches for tp in ps.tokenized[lo:hi])
     bar = progress_bar(todo, name, quiet)
+    stats_here = torch.device(p.device).type == "cpu"  # statistics on the model's threads
     n_tokens = 0
     try:
         for _b, lo, hi in todo_batches:
@@ -373,7 +374,7 @@ def _ingest_run(
                 cast_ND = {h: r.to(store_dtype) for h, r in rows_ND.items()}
                 # on the CPU the batch's statistics are summed on the model's threads,
                 # which have the cores; on a GPU the writer thread sums the host copies
-                stats = stored_stats(cast_ND) if torch.device(p.device).type == "cpu" else None
+                stats = stored_stats(cast_ND) if stats_here else None
                 arrays, ready = host_arrays(cast_ND, store_dtype)
             bg.put(
                 {

@@ -76,16 +76,20 @@ def slack_from_env() -> int:
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
-def _libc_malloc_trim() -> Callable[[int], int] | None:
+def _glibc() -> ctypes.CDLL | None:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim: Callable[[int], int] = libc.malloc_trim
-        return trim
+        libc.gnu_get_libc_version  # noqa: B018  (glibc, not another libc)
     except (OSError, AttributeError):
         return None
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    return libc
 
 
-_MALLOC_TRIM = _libc_malloc_trim()
+_LIBC = _glibc()
+_MALLOC_TRIM: Callable[[int], int] | None = None if _LIBC is None else _LIBC.malloc_trim
 
 
 def release_freed_memory() -> None:
@@ -124,18 +128,6 @@ _THRESHOLD_MAX = (4 << 20) * ctypes.sizeof(ctypes.c_long)  # glibc's DEFAULT_MMA
 _adapted = False
 
 
-def _glibc() -> ctypes.CDLL | None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.gnu_get_libc_version  # noqa: B018  (glibc, not another libc)
-    except (OSError, AttributeError):
-        return None
-    libc.malloc.restype = ctypes.c_void_p
-    libc.malloc.argtypes = [ctypes.c_size_t]
-    libc.free.argtypes = [ctypes.c_void_p]
-    return libc
-
-
 def adapt_thresholds() -> bool:
     """Bring glibc's adaptive heap thresholds to their maximum now; True if it did.
 
@@ -165,13 +157,12 @@ def adapt_thresholds() -> bool:
     if _adapted:
         return False
     _adapted = True
-    libc = _glibc()
-    if libc is None:
+    if _LIBC is None:
         return False
-    block = libc.malloc(_THRESHOLD_MAX - 2 * _PAGE)  # its chunk: at most the maximum
+    block = _LIBC.malloc(_THRESHOLD_MAX - 2 * _PAGE)  # its chunk: at most the maximum
     if not block:
         return False
-    libc.free(block)
+    _LIBC.free(block)
     return True
 
 

@@ -88,10 +88,27 @@ class HookStats:
         work = np.float32 if x.dtype == np.float16 else np.float64
         x = x.astype(work, copy=False)
         sq = x * x
-        s1 = np.add.reduce(x, axis=0, dtype=np.float64)
-        mean = s1 / n
-        m2 = np.maximum(np.add.reduce(sq, axis=0, dtype=np.float64) - s1 * mean, 0.0)
-        norms = np.sqrt(np.add.reduce(sq, axis=1, dtype=np.float64))
+        return cls.from_sums(
+            np.add.reduce(x, axis=0, dtype=np.float64),
+            np.add.reduce(sq, axis=0, dtype=np.float64),
+            np.add.reduce(sq, axis=1, dtype=np.float64),
+        )
+
+    @classmethod
+    def from_sums(cls, s1_D: np.ndarray, s2_D: np.ndarray, row_sq_N: np.ndarray) -> HookStats:
+        """Statistics from a block's float64 sums: of values and of squares per dimension,
+        and of squares per row (one row or more), as :meth:`HookStats.of` and the
+        ingest's torch sums (``actstore.ingest.batches.stored_stats``) compute them.
+
+        Example
+        -------
+        >>> HookStats.from_sums(np.array([2.0]), np.array([2.0]), np.ones(2)).var_D.tolist()
+        [0.0]
+        """
+        n = int(row_sq_N.shape[0])
+        mean = s1_D / n
+        m2 = np.maximum(s2_D - s1_D * mean, 0.0)
+        norms = np.sqrt(row_sq_N)
         return cls(n, mean, m2, float(norms.sum()), float(norms.max()))
 
     @classmethod
