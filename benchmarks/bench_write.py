@@ -4,8 +4,8 @@ A (262144, 768) float16 array (384 MiB) is written in 1024-row batches, in one
 process, several times over, by:
 
 * ``RunWriter``: ``RunWriter.append`` batch by batch, as an ingest does (the
-  writer streams each shard's inner chunks to the shard's file as batches fill
-  them, ``shardio.ShardStream``, and commits each shard's batches to the
+  writer streams each shard's inner chunks to the shard's file straight from the
+  batches that complete them, ``shardio.ShardStream``, and commits each shard's batches to the
   catalog); the time its array writes and its catalog commits take is recorded too;
 * ``write_rows``: ``arrays.write_rows`` of one whole shard at a time (the array
   write alone, without the writer's buffering and catalog commits);
@@ -95,7 +95,8 @@ def run_writer(
     with (
         zarr_only(zarr),
         timed(arrays, "write_rows", spent, "array_writes"),
-        timed(shardio.ShardStream, "write_chunks", spent, "array_writes"),
+        timed(shardio.ShardStream, "append", spent, "array_writes"),
+        timed(shardio.ShardStream, "snapshot", spent, "array_writes"),
         timed(shardio.ShardStream, "finish", spent, "array_writes"),
         timed(RunWriter, "_commit", spent, "catalog_commits"),
     ):

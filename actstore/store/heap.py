@@ -13,8 +13,10 @@ resident anonymous memory (one read of ``/proc/self/statm``, a few microseconds)
 and, when it has grown by more than ``slack`` bytes since the last release (not
 counting the writer's own shard buffers, :meth:`HeapBound.hold`), calls
 ``malloc_trim(0)``, which returns every whole free page of every arena to the OS
-(``madvise(MADV_DONTNEED)``); what is in use is untouched. Peak memory is then the
-level after a release plus the buffers plus ``slack``, whatever the number of prompts. A release
+(``madvise(MADV_DONTNEED)``); what is in use is untouched. The level it bounds is
+measured after the first batch that follows a release, so the pages every batch
+touches again (the model's working set) are not taken for growth. Peak memory is then
+that level plus the buffers plus ``slack``, whatever the number of prompts. A release
 costs the page faults of touching those pages again (less than the per-allocation
 faults of a low ``M_MMAP_THRESHOLD``, which would turn every large tensor of the
 model into a fresh mapping); nothing changes the allocator's settings for the
@@ -185,15 +187,16 @@ class HeapBound:
         self.releases = 0
         self._held = 0
         self._base = resident_anon_bytes()
+        self._rebase = False  # a release happened: the next batch measures the level
 
     def hold(self, nbytes: int) -> None:
         """The owner now keeps ``nbytes`` in use (its shard buffers): not counted as growth.
 
         A writer's buffers are in use, not freed, so touching them is not what the
         bound is for; without this, filling the first shard (288 MiB of buffers for
-        12 hooks x 768 float16) set off releases that only made the model fault its
-        freed pages in again. Peak memory is then the level after a release plus
-        the held bytes plus ``slack``.
+        12 hooks x 768 float16, where the layout is not streamed) set off releases
+        that only made the model fault its freed pages in again. Peak memory is then
+        the level after a release plus the held bytes plus ``slack``.
 
         Example
         -------
@@ -205,6 +208,11 @@ class HeapBound:
     def after_batch(self) -> bool:
         """Release if memory grew past the bound; True if it released (or cannot measure).
 
+        The first batch after a release measures the level instead: the pages its
+        work touched again (the model's working set, the same every batch) are in
+        use, not growth, so the next release waits for real growth rather than
+        taking them back each time.
+
         Example
         -------
         >>> HeapBound(slack=1 << 40).after_batch()
@@ -213,13 +221,17 @@ class HeapBound:
         now = resident_anon_bytes()
         if now is None or self._base is None:
             return True
+        if self._rebase:
+            self._rebase = False
+            self._base = now - self._held
+            return False
         if now - self._held - self._base <= self.slack:
             return False
         self.release()
         return True
 
     def release(self) -> None:
-        """Release now (e.g. after a shard was written) and measure the new level.
+        """Release now; the next :meth:`after_batch` measures the level to bound.
 
         Example
         -------
@@ -229,3 +241,4 @@ class HeapBound:
         self.releases += 1
         now = resident_anon_bytes()
         self._base = None if now is None else now - self._held
+        self._rebase = True

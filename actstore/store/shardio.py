@@ -301,14 +301,17 @@ def _index_piece(lay: RawShardLayout, present: int) -> bytes:
 class ShardStream:
     """One shard's file written chunk by chunk as its rows arrive, renamed into place at the end.
 
-    A writer filling a shard buffer calls :meth:`write_chunks` after every batch:
-    each inner chunk that has filled since is written (with its crc32c) to a
-    temporary file beside the shard's, so when the shard is done only its last
-    chunks and the index are left to write (:meth:`finish`), not the whole shard.
-    The file is byte for byte what :func:`write_shards` (or zarr, for a last
-    shard that ends before the array does) writes for the same rows, and it is
-    invisible until it is renamed into place. ``rows_ND`` is always the shard's
-    buffer from its first row; :meth:`discard` removes the temporary file.
+    A writer calls :meth:`append` with each batch's rows of the shard (on-disk
+    dtype): every inner chunk they complete is written at once, with its crc32c, to
+    a temporary file beside the shard's, straight from the rows given; only the rows
+    of the chunk still filling are copied, into a one-chunk buffer. So a shard's
+    rows are never held whole in memory, and when the shard is done only its edge
+    chunk and the index are left to write (:meth:`finish`). :meth:`snapshot`
+    writes the shard's visible file as it stands (a commit inside the shard) while
+    the stream goes on. The files are byte for byte what :func:`write_shards` (or
+    zarr, for a shard that ends before the array does) writes for the same rows;
+    the temporary file is invisible until it is renamed into place, and
+    :meth:`discard` removes it.
 
     Example
     -------
@@ -316,10 +319,11 @@ class ShardStream:
     >>> from actstore.store import arrays
     >>> lay16 = arrays.Layout(chunk_rows=2, shard_rows=4, compression="none")
     >>> a = arrays.create_array(tempfile.mkdtemp(), "a", d=3, dtype="float16", capacity=4, layout=lay16)
-    >>> buf = np.ones((4, 3), np.float16)
     >>> s = ShardStream(raw_layout(a), 0)
-    >>> s.write_chunks(buf, 3)  # chunk 0 is full: written now
-    >>> s.finish(buf, 4)
+    >>> s.append(np.ones((3, 3), np.float16))  # chunk 0 is full: written now
+    >>> s.chunks, s.rows
+    (1, 3)
+    >>> s.append(np.ones((1, 3), np.float16)); s.finish()
     >>> a[:].sum()
     np.float16(12.0)
     """
@@ -329,45 +333,100 @@ class ShardStream:
         self.path = lay.shard_path(shard)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = temporary_path(self.path)
-        self._fd: int | None = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        self._fd: int | None = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
         self.chunks = 0  # inner chunks written so far
+        self.rows = 0  # rows appended so far
+        self._tail = np.empty((lay.chunk_rows, lay.d), lay.dtype)  # the chunk still filling
 
-    def write_chunks(self, rows_ND: np.ndarray, fill: int) -> None:
-        """Write the inner chunks that the first ``fill`` rows of ``rows_ND`` complete.
-
-        Example
-        -------
-        >>> s.write_chunks(buf, 2)  # doctest: +SKIP
-        """
-        full = fill // self.lay.chunk_rows
-        if full > self.chunks:
-            assert self._fd is not None
-            _write_all(self._fd, _chunk_pieces(self.lay, rows_ND[:fill], self.chunks, full))
-            self.chunks = full
-
-    def finish(self, rows_ND: np.ndarray, fill: int) -> None:
-        """Write the rest of the first ``fill`` rows and the index; rename the file into place.
+    @property
+    def held_nbytes(self) -> int:
+        """Bytes of memory the stream holds: its one-chunk buffer.
 
         Example
         -------
-        >>> s.finish(buf, 4)  # doctest: +SKIP
+        >>> s.held_nbytes  # doctest: +SKIP
+        786432
         """
-        present = -(-fill // self.lay.chunk_rows)
-        assert self._fd is not None and fill >= self.chunks * self.lay.chunk_rows
-        rows = _prepare(self.lay, rows_ND[:fill])
-        try:
-            _write_all(
-                self._fd,
-                [
-                    *_chunk_pieces(self.lay, rows, self.chunks, present),
-                    _index_piece(self.lay, present),
-                ],
+        return int(self._tail.nbytes)
+
+    def append(self, rows_ND: np.ndarray) -> None:
+        """Append rows to the shard; write every inner chunk they complete.
+
+        Example
+        -------
+        >>> s.append(rows_ND)  # doctest: +SKIP
+        """
+        rows = _prepare(self.lay, rows_ND)
+        cr, n = self.lay.chunk_rows, rows.shape[0]
+        if self.rows + n > self.lay.shard_rows:
+            raise InputError(
+                f"shard {self.path}: {self.rows} + {n} rows exceed its {self.lay.shard_rows}"
             )
+        held = self.rows - self.chunks * cr
+        pieces: list[Any] = []
+        i = 0
+        if held:  # complete the chunk still filling first
+            i = min(n, cr - held)
+            self._tail[held : held + i] = rows[:i]
+            if held + i == cr:
+                pieces += _chunk_pieces(self.lay, self._tail, 0, 1)
+        full = (n - i) // cr
+        pieces += _chunk_pieces(self.lay, rows[i : i + full * cr], 0, full)
+        if pieces:
+            assert self._fd is not None
+            _write_all(self._fd, pieces)  # before the buffer takes the next chunk's rows
+        rest = rows[i + full * cr :]
+        self._tail[: rest.shape[0]] = rest
+        self.rows += n
+        self.chunks = self.rows // cr
+
+    def _edge_and_index(self) -> list[Any]:
+        """The chunk still filling (padded with the fill value) and the index, as pieces."""
+        held = self.rows - self.chunks * self.lay.chunk_rows
+        edge = _chunk_pieces(self.lay, self._tail[:held], 0, 1) if held else []
+        return [*edge, _index_piece(self.lay, self.chunks + (1 if held else 0))]
+
+    def finish(self) -> None:
+        """Write the edge chunk and the index; rename the file into place.
+
+        Example
+        -------
+        >>> s.finish()  # doctest: +SKIP
+        """
+        assert self._fd is not None
+        try:
+            _write_all(self._fd, self._edge_and_index())
             os.close(self._fd)
             self._fd = None
             os.replace(self.tmp, self.path)
         except BaseException:
             self.discard()
+            raise
+
+    def snapshot(self) -> None:
+        """Write the shard's file as it stands (its rows so far); the stream goes on.
+
+        The chunks written so far are copied from the temporary file inside the
+        kernel (``copy_file_range``), the edge chunk and index added, and the result
+        renamed into place; :meth:`finish` replaces it later.
+
+        Example
+        -------
+        >>> s.snapshot()  # doctest: +SKIP
+        """
+        assert self._fd is not None
+        done = self.chunks * (self.lay.chunk_nbytes + 4)
+        tmp = temporary_path(self.path)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            try:
+                _copy_range(self._fd, fd, done)
+                _write_all(fd, self._edge_and_index())
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
             raise
 
     def discard(self) -> None:
@@ -381,6 +440,19 @@ class ShardStream:
             os.close(self._fd)
             self._fd = None
         self.tmp.unlink(missing_ok=True)
+
+
+def _copy_range(src: int, dst: int, nbytes: int) -> None:
+    """Copy the first ``nbytes`` of file ``src`` to the current end of ``dst``."""
+    off = 0
+    while off < nbytes:
+        try:
+            got = os.copy_file_range(src, dst, nbytes - off, off)
+        except OSError:  # a file system without it: through memory, a chunk at a time
+            got = os.write(dst, os.pread(src, min(nbytes - off, 1 << 24), off))
+        if got == 0:
+            raise OSError(f"copy of {nbytes} bytes stopped at {off}")
+        off += got
 
 
 def shard_bytes(lay: RawShardLayout, shard: int, rows_ND: np.ndarray) -> bytes:

@@ -12,9 +12,9 @@ protocol makes a batch visible all at once or not at all:
    generations and scores rows and advances ``arrays.n_rows``.
 
 A process killed before step 3 leaves the store as it was. Arrays are sharded,
-and a partial write of a shard re-reads and re-writes it, so the writer buffers
-rows and writes whole shards (and a batch's feature part once its rows are on
-disk). A catalog transaction costs 50-100 ms, so commits are batched too: the
+and a partial write of a shard re-reads and re-writes it, so the writer streams
+each open shard to a temporary file (or buffers it, for compressed arrays) and
+writes whole shards (and a batch's feature part once its rows are on disk). A catalog transaction costs 50-100 ms, so commits are batched too: the
 writer commits every ``commit_interval`` seconds (writing the partial last
 shard then) and on :meth:`RunWriter.close`, which bounds the work a kill can lose.
 
@@ -257,8 +257,8 @@ class RunWriter:
                 f"run {self.run_id}: batch statistics must cover each hook's rows "
                 f"{sizes}; got {got}"
             )
-        # rows go straight into each hook's open-shard buffer (on-disk bits, uint16 for
-        # bfloat16); a shard is written as soon as it is full
+        # rows go straight to each hook's open shard (on-disk bits, uint16 for bfloat16:
+        # streamed to its file, or copied into its buffer); a full shard is written at once
         stored = {h: self._buffers[h].add(a) for h, a in arrays.items()}
         if stats is None:  # of the values as stored (see actstore.store.hookstats)
             stats = _hookstats.batch_stats(
@@ -345,18 +345,11 @@ class RunWriter:
         are finished rather than written beside their streams).
         """
         if self._pending:
-            wrote = any(_write_open_shards(list(self._buffers.values()), partial, final))
-            for buf in self._buffers.values():
-                wrote = buf.wrote or wrote
-                buf.wrote = False
+            _write_open_shards(list(self._buffers.values()), partial, final)
             # the shard buffers are in use: not growth for the heap bound (actstore.store.heap)
-            self._heap.hold(sum(b.buf.nbytes for b in self._buffers.values() if b.buf is not None))
-            if final:  # the buffers are dropped next: a release would only cost the run time
-                pass
-            elif wrote:  # once per shard: what the batches freed goes back to the OS
-                self._heap.release()
-            else:  # and whenever it grew by more than the bound
-                self._heap.after_batch()
+            self._heap.hold(sum(b.held_nbytes for b in self._buffers.values()))
+            if not final:  # (at the close the buffers are dropped next: nothing to bound)
+                self._heap.after_batch()  # what the batches freed goes back past the bound
             durable = min((b.disk_rows for b in self._buffers.values()), default=self._next_row)
             ready = [p for p in self._pending if p.first_row + p.n_rows <= durable]
             if ready:

@@ -90,6 +90,21 @@ def test_release_measures_the_new_level() -> None:
     assert b.after_batch() is False  # just released: nothing has grown past the bound
 
 
+def test_the_first_batch_after_a_release_measures_the_level() -> None:
+    """What the batch after a release touches again (the model's working set) is the level
+    bounded, not growth; growth past the slack after it is released."""
+    import numpy as np
+
+    b = heap.HeapBound(slack=32 << 20)
+    b.release()
+    work = np.ones(64 << 17)  # 64 MiB touched, like a forward pass's working set
+    assert b.after_batch() is False and b.releases == 1  # the level, with the working set
+    more = np.ones(64 << 17)  # then 64 MiB more: past the 32 MiB slack
+    assert b.after_batch() is True and b.releases == 2
+    assert b.after_batch() is False  # measuring again, right after the release
+    del work, more
+
+
 def test_slack_from_the_environment(monkeypatch) -> None:
     from actstore.errors import InputError
 

@@ -110,19 +110,19 @@ def test_mixed_writes_and_growth_match_zarr_file_for_file(
 def streams(monkeypatch):
     """Record the streamed shards: per shard file, the chunk counts after each write, and finishes."""
     log: dict[str, list[int | str]] = {}
-    real_write, real_finish = shardio.ShardStream.write_chunks, shardio.ShardStream.finish
+    real_append, real_finish = shardio.ShardStream.append, shardio.ShardStream.finish
 
-    def writing(self, rows_ND, fill):
+    def appending(self, rows_ND):
         before = self.chunks
-        real_write(self, rows_ND, fill)
+        real_append(self, rows_ND)
         if self.chunks > before:
             log.setdefault(self.path.parent.name, []).append(self.chunks)
 
-    def finishing(self, rows_ND, fill):
-        real_finish(self, rows_ND, fill)
+    def finishing(self):
+        real_finish(self)
         log.setdefault(self.path.parent.name, []).append("finished")
 
-    monkeypatch.setattr(shardio.ShardStream, "write_chunks", writing)
+    monkeypatch.setattr(shardio.ShardStream, "append", appending)
     monkeypatch.setattr(shardio.ShardStream, "finish", finishing)
     return log
 
@@ -146,7 +146,7 @@ def test_runwriter_streams_shards_chunk_by_chunk_and_matches_zarr(tmp_path, stre
                 n_prompts=1,
             )
             if b == 180:
-                w.flush()  # a partial shard (through zarr), replaced whole later
+                w.flush()  # a partial shard (a snapshot of the stream), replaced whole later
     # 3 full shards of 4 chunks and the last (50 rows: a full chunk and an edge chunk), each
     # file streamed: its chunks went to disk as batches filled them, then it was finished
     assert streams == {
@@ -338,3 +338,37 @@ def test_short_writes_are_resumed(tmp_path, monkeypatch):
         assert lay.shard_path(s).read_bytes() == shardio.shard_bytes(
             lay, s, data[::-1][16 * s : 16 * (s + 1)]
         )
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_stream_snapshot_equals_zarrs_partial_shard(tmp_path, monkeypatch, kernel_copy):
+    """A snapshot mid-shard (chunks copied from the stream's file, the edge chunk and index
+    added) is the file zarr writes for those rows; the stream goes on and finishes as zarr's
+    whole shard. Also through memory where the file system has no ``copy_file_range``."""
+    if not kernel_copy:
+
+        def no_copy(*a, **k):
+            raise OSError(38, "Function not implemented")
+
+        monkeypatch.setattr(os, "copy_file_range", no_copy)
+    layout = arrays.Layout(4, 16, "none")
+    data = _data(np.random.default_rng(3), 16, 5, "float16")
+    mine = arrays.create_array(
+        tmp_path / "a", "x", d=5, dtype="float16", capacity=16, layout=layout
+    )
+    ref = arrays.create_array(tmp_path / "b", "x", d=5, dtype="float16", capacity=16, layout=layout)
+    s = shardio.ShardStream(shardio.raw_layout(mine), 0)
+    s.append(data[:3])
+    s.append(data[3:10])  # completes chunk 0 from the held rows, chunk 1 straight from these
+    assert (s.chunks, s.rows) == (2, 10)
+    s.snapshot()
+    ref[:10] = data[:10]
+    visible = {k: v for k, v in _files(tmp_path / "a" / "x" / "c").items() if "partial" not in k}
+    assert visible == _files(tmp_path / "b" / "x" / "c")  # beside the stream's temporary file
+    s.append(data[10:])
+    with pytest.raises(InputError, match="exceed"):
+        s.append(data[:1])  # more rows than the shard holds
+    s.finish()
+    ref[10:] = data[10:]
+    assert _files(tmp_path / "a" / "x" / "c") == _files(tmp_path / "b" / "x" / "c")
+    assert not list(tmp_path.rglob("*.partial"))
