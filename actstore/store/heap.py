@@ -14,8 +14,9 @@ and, when it has grown by more than ``slack`` bytes since the last release (not
 counting the writer's own shard buffers, :meth:`HeapBound.hold`), calls
 ``malloc_trim(0)``, which returns every whole free page of every arena to the OS
 (``madvise(MADV_DONTNEED)``); what is in use is untouched. The level it bounds is
-measured after the first batch that follows a release, so the pages every batch
-touches again (the model's working set) are not taken for growth. Peak memory is then
+measured after the first batch, and again after the first batch that follows a
+release, so the pages every batch touches (the model's working set) are not taken
+for growth. Peak memory is then
 that level plus the buffers plus ``slack``, whatever the number of prompts. A release
 costs the page faults of touching those pages again (less than the per-allocation
 faults of a low ``M_MMAP_THRESHOLD``, which would turn every large tensor of the
@@ -178,8 +179,9 @@ class HeapBound:
 
     Example
     -------
-    >>> HeapBound(slack=-1).after_batch()  # any level is past a negative bound
-    True
+    >>> b = HeapBound(slack=-1)
+    >>> b.after_batch(), b.after_batch()  # the first batch measures; then past a negative bound
+    (False, True)
     """
 
     def __init__(self, slack: int | None = None) -> None:
@@ -187,7 +189,7 @@ class HeapBound:
         self.releases = 0
         self._held = 0
         self._base = resident_anon_bytes()
-        self._rebase = False  # a release happened: the next batch measures the level
+        self._rebase = True  # the first batch (and the first after a release) measures the level
 
     def hold(self, nbytes: int) -> None:
         """The owner now keeps ``nbytes`` in use (its shard buffers): not counted as growth.
@@ -208,15 +210,16 @@ class HeapBound:
     def after_batch(self) -> bool:
         """Release if memory grew past the bound; True if it released (or cannot measure).
 
-        The first batch after a release measures the level instead: the pages its
-        work touched again (the model's working set, the same every batch) are in
-        use, not growth, so the next release waits for real growth rather than
+        The first batch, and the first after a release, measures the level instead:
+        the pages its work touched (the model's working set, the same every batch)
+        are in use, not growth, so a release waits for real growth rather than
         taking them back each time.
 
         Example
         -------
-        >>> HeapBound(slack=1 << 40).after_batch()
-        False
+        >>> b = HeapBound(slack=1 << 40)
+        >>> b.after_batch(), b.after_batch()  # the level, then within the bound
+        (False, False)
         """
         now = resident_anon_bytes()
         if now is None or self._base is None:

@@ -52,6 +52,7 @@ def anon():
 out = {}
 lazy = heap.HeapBound(slack=1 << 40)
 bound = heap.HeapBound(slack=64 << 20)
+out["first"] = [lazy.after_batch(), bound.after_batch()]  # the first batch: the level
 blocks = [libc.malloc(64 << 10) for _ in range(2000)]
 for b in blocks:
     ctypes.memset(b, 1, 64 << 10)
@@ -75,6 +76,7 @@ def test_bound_releases_touched_free_pages_and_only_past_its_slack() -> None:
         [sys.executable, "-c", CHILD, root], capture_output=True, text=True, check=True
     )
     m = json.loads(got.stdout)
+    assert m["first"] == [False, False]
     # a bound of 1 TiB is not reached: nothing is released, the pages stay resident
     assert m["lazy_released"] is False
     assert m["after_lazy"] > m["freed"] - (8 << 20)
@@ -90,17 +92,19 @@ def test_release_measures_the_new_level() -> None:
     assert b.after_batch() is False  # just released: nothing has grown past the bound
 
 
-def test_the_first_batch_after_a_release_measures_the_level() -> None:
-    """What the batch after a release touches again (the model's working set) is the level
-    bounded, not growth; growth past the slack after it is released."""
+@pytest.mark.parametrize("released", [False, True])
+def test_the_first_batch_measures_the_level(released: bool) -> None:
+    """What the first batch (or the first after a release) touches (the model's working
+    set) is the level bounded, not growth; growth past the slack after it is released."""
     import numpy as np
 
     b = heap.HeapBound(slack=32 << 20)
-    b.release()
+    if released:
+        b.release()
     work = np.ones(64 << 17)  # 64 MiB touched, like a forward pass's working set
-    assert b.after_batch() is False and b.releases == 1  # the level, with the working set
+    assert b.after_batch() is False and b.releases == int(released)  # the level
     more = np.ones(64 << 17)  # then 64 MiB more: past the 32 MiB slack
-    assert b.after_batch() is True and b.releases == 2
+    assert b.after_batch() is True and b.releases == int(released) + 1
     assert b.after_batch() is False  # measuring again, right after the release
     del work, more
 
