@@ -7,18 +7,18 @@ and user/system CPU time. Four allocator settings, in the same run:
 
 * ``default``: glibc's thresholds adapted as the ingest starts (``heap.adapt_thresholds``), and
   the writer's heap bound (``actstore.store.heap``): freed
-  heap pages go back to the OS whenever resident memory grew 256 MiB since the last release
-  (what ``run_job`` does);
+  heap pages go back to the OS whenever resident memory grew 256 MiB past its level (measured
+  after the first batch, and after the first batch following each release; what ``run_job`` does);
 * ``unadapted``: the same without ``heap.adapt_thresholds`` (glibc's adaptive mmap and trim
   thresholds left at their initial 128 KiB / 256 KiB until a large block happens to be freed);
-* ``per_shard``: glibc as it comes, freed pages given back only once per shard written (the
-  writer before the heap bound);
+* ``unbounded``: thresholds adapted, no heap bound (freed pages are never given back);
 * ``mmap_4mib``: ``mallopt(M_MMAP_THRESHOLD, 4 MiB)`` set for the whole process first, the
   setting the runner used to make, which turns every tensor over 4 MiB into a fresh mapping
   that the kernel faults in and zeroes.
 
-Peak RSS must not grow with the prompts once the first shard (16384 rows per hook) is full:
-the writer copies rows into one preallocated shard buffer per hook and reuses it.
+Peak RSS must not grow with the prompts: the writer streams each shard to its file straight
+from the batches (one inner chunk per hook held), and the heap bound returns what the
+batches free.
 
 Usage: ``python benchmarks/bench_memory.py [--counts 256,512,1024] [--seq 64] [--batch 16]``.
 Writes ``benchmarks/results/memory.json`` and prints a markdown table.
@@ -43,7 +43,7 @@ import ctypes, ctypes.util, json, resource, sys, time
 if sys.argv[3] == "mmap_4mib":
     ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(-3, 4 << 20)
 import actstore.store.heap
-if sys.argv[3] in ("mmap_4mib", "per_shard"):  # no heap bound: released once per shard only
+if sys.argv[3] in ("mmap_4mib", "unbounded"):  # no heap bound: nothing released
     actstore.store.heap.DEFAULT_SLACK = 1 << 60
 if sys.argv[3] == "unadapted":  # the heap bound, glibc's thresholds left where they start
     actstore.store.heap._adapted = True
@@ -82,7 +82,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
         "--malloc",
-        default="default,unadapted,per_shard,mmap_4mib",
+        default="default,unadapted,unbounded,mmap_4mib",
         help="allocator settings to run",
     )
     args = ap.parse_args()
