@@ -188,7 +188,7 @@ class HeapBound:
         self.slack = slack_from_env() if slack is None else slack
         self.releases = 0
         self._held = 0
-        self._base = resident_anon_bytes()
+        self._base = 0  # the level bounded, measured by after_batch
         self._rebase = True  # the first batch (and the first after a release) measures the level
 
     def hold(self, nbytes: int) -> None:
@@ -198,7 +198,7 @@ class HeapBound:
         bound is for; without this, filling the first shard (288 MiB of buffers for
         12 hooks x 768 float16, where the layout is not streamed) set off releases
         that only made the model fault its freed pages in again. Peak memory is then
-        the level after a release plus the held bytes plus ``slack``.
+        the level it measured plus the held bytes plus ``slack``.
 
         Example
         -------
@@ -222,7 +222,7 @@ class HeapBound:
         (False, False)
         """
         now = resident_anon_bytes()
-        if now is None or self._base is None:
+        if now is None:
             return True
         if self._rebase:
             self._rebase = False
@@ -242,6 +242,4 @@ class HeapBound:
         """
         release_freed_memory()
         self.releases += 1
-        now = resident_anon_bytes()
-        self._base = None if now is None else now - self._held
         self._rebase = True

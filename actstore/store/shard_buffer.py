@@ -157,7 +157,7 @@ class HookBuffer:
             self.stream.discard()
             self.stream = None
 
-    def write(self, partial: bool, final: bool = False) -> bool:
+    def write(self, partial: bool, final: bool = False) -> None:
         """Write the open shard's rows if ``partial`` (whole shards are written as they fill).
 
         ``final`` (the writer's close): no more rows come, so the shard's file is
@@ -168,23 +168,21 @@ class HookBuffer:
         Example
         -------
         >>> buf.write(partial=True)  # doctest: +SKIP
-        True
         """
         if not partial or self.end <= max(self.start, self.disk_rows):
             if final:
                 self._drop_stream()
-            return False
+            return
         if final:
             self._finish()
-        elif self.stream is not None:
+            return
+        if self.stream is not None:
             _arrays.ensure_capacity(self.arr, self.end)
             self.stream.snapshot()
-            self.disk_rows = self.end
         else:
             assert self.buf is not None
             _arrays.write_rows(self.arr, self.start, self.buf[: self.fill])
-            self.disk_rows = self.end
-        return True
+        self.disk_rows = self.end
 
     def release(self) -> None:
         """Drop what the open shard holds once the writer is flushed or aborted.

@@ -14,9 +14,10 @@ protocol makes a batch visible all at once or not at all:
 A process killed before step 3 leaves the store as it was. Arrays are sharded,
 and a partial write of a shard re-reads and re-writes it, so the writer streams
 each open shard to a temporary file (or buffers it, for compressed arrays) and
-writes whole shards (and a batch's feature part once its rows are on disk). A catalog transaction costs 50-100 ms, so commits are batched too: the
-writer commits every ``commit_interval`` seconds (writing the partial last
-shard then) and on :meth:`RunWriter.close`, which bounds the work a kill can lose.
+writes whole shards (and a batch's feature part once its rows are on disk). A
+catalog transaction costs 50-100 ms, so commits are batched too: the writer
+commits every ``commit_interval`` seconds (writing the partial last shard then)
+and on :meth:`RunWriter.close`, which bounds the work a kill can lose.
 
 Example
 -------
@@ -90,7 +91,7 @@ _WRITE_THREADS = max(1, min(4, os.cpu_count() or 1))
 """Threads writing the hooks' open shards at a flush (file writes and crc32c release the GIL)."""
 
 
-def _write_open_shards(bufs: Sequence[_HookBuffer], partial: bool, final: bool) -> list[bool]:
+def _write_open_shards(bufs: Sequence[_HookBuffer], partial: bool, final: bool) -> None:
     """``buf.write(partial, final)`` for every hook, several hooks at once when they all write.
 
     At a commit (every ``commit_interval`` seconds) and at :meth:`RunWriter.close`
@@ -98,11 +99,13 @@ def _write_open_shards(bufs: Sequence[_HookBuffer], partial: bool, final: bool) 
     overlaps, so the hooks' files are written by a few threads at once.
     """
     if not partial or len(bufs) < 2 or _WRITE_THREADS < 2:
-        return [b.write(partial, final) for b in bufs]
+        for b in bufs:
+            b.write(partial, final)
+        return
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(_WRITE_THREADS, thread_name_prefix="actstore-shards") as pool:
-        return list(pool.map(lambda b: b.write(partial, final), bufs))
+        list(pool.map(lambda b: b.write(partial, final), bufs))  # list: raise what a write raised
 
 
 def _run_state(store: Store, run_id: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
