@@ -3,15 +3,20 @@
 On a randomly initialised model of GPT-2-small shape (12 layers x 768), capturing every layer's
 ``resid_post`` at every token, float16 on disk, batch 16 (the conditions of ``bench_ingest.py``),
 each ingest runs in a fresh process and reports its peak RSS (``ru_maxrss``), minor page faults
-and user/system CPU time. Four allocator settings, in the same run:
+and user/system CPU time. Five allocator settings, in the same run:
 
-* ``default``: glibc's thresholds adapted as the ingest starts (``heap.adapt_thresholds``), and
-  the writer's heap bound (``actstore.store.heap``): freed
-  heap pages go back to the OS whenever resident memory grew 256 MiB past its level (measured
-  after the first batch, and after the first batch following each release; what ``run_job`` does);
-* ``unadapted``: the same without ``heap.adapt_thresholds`` (glibc's adaptive mmap and trim
-  thresholds left at their initial 128 KiB / 256 KiB until a large block happens to be freed);
-* ``unbounded``: thresholds adapted, no heap bound (freed pages are never given back);
+* ``default`` (what ``run_job`` does): glibc's thresholds adapted as the ingest starts
+  (``heap.adapt_thresholds``); the heap's freed top kept between batches
+  (``heap.keep_heap_top``: glibc does not trim it on free); and the writer's heap bound
+  (``actstore.store.heap``): freed heap pages go back to the OS (``malloc_trim``) whenever
+  resident memory grew 256 MiB past its level (measured after the first batch, and after the
+  first batch following each release);
+* ``top_trimmed``: the same, but glibc trims the heap's top whenever more than 64 MiB is free
+  there (what ``run_job`` did before ``keep_heap_top``);
+* ``unadapted``: the heap bound alone: glibc's adaptive mmap and trim thresholds left at their
+  initial 128 KiB / 256 KiB until a large block happens to be freed, the top not kept;
+* ``unbounded``: thresholds adapted and the top kept, no heap bound (freed pages are never given
+  back);
 * ``mmap_4mib``: ``mallopt(M_MMAP_THRESHOLD, 4 MiB)`` set for the whole process first, the
   setting the runner used to make, which turns every tensor over 4 MiB into a fresh mapping
   that the kernel faults in and zeroes.
@@ -50,7 +55,11 @@ if sys.argv[3] == "unadapted":  # the heap bound, glibc's thresholds left where 
 import torch
 torch.set_num_threads(int(sys.argv[2]))
 from actstore.ingest.job import IngestJob
+from actstore.ingest import runner
 from actstore.ingest.runner import run_job
+if sys.argv[3] == "top_trimmed":  # glibc gives the heap's freed top back on free, as it did
+    import contextlib
+    runner.keep_heap_top = lambda: contextlib.nullcontext(False)
 t0 = time.perf_counter()
 s = run_job(IngestJob.from_dict(json.load(open(sys.argv[1]))), quiet=True)
 dt = time.perf_counter() - t0
@@ -82,7 +91,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
         "--malloc",
-        default="default,unadapted,unbounded,mmap_4mib",
+        default="default,top_trimmed,unadapted,unbounded,mmap_4mib",
         help="allocator settings to run",
     )
     args = ap.parse_args()

@@ -78,7 +78,7 @@ VOCAB = 50257
 CONTENDERS = {
     "bare_body": "bare forward, transformer body only (baseline)",
     "bare_full": "bare forward including the LM head",
-    "bare_body_adapted": "bare body, glibc heap thresholds adapted as actstore's ingest does",
+    "bare_body_adapted": "bare body, glibc's heap settings as actstore's ingest makes them",
     "hf_hidden": "HF `output_hidden_states` + `np.save`",
     "nnsight": "nnsight trace + `.save()` + `np.save`",
     "tlens": "TransformerLens `run_with_cache` + `np.save`",
@@ -392,7 +392,7 @@ def goals(
             f"{c['run_job']['loop_over_bare_body']:.2f}x",
             c["run_job"]["loop_over_bare_body"] <= 1.10,
         ),
-        "`run_job` every layer <= 1.10x bare body with adapted heap thresholds": (
+        "`run_job` every layer <= 1.10x bare body with the ingest's heap settings": (
             f"{c['run_job']['loop_over_bare_body_adapted']:.2f}x",
             c["run_job"]["loop_over_bare_body_adapted"] <= 1.10,
         ),

@@ -67,16 +67,18 @@ def _save(out: Path, layer: int, b: int, acts_BSD: Any) -> None:
 
 
 def child_bare(cfg: dict[str, Any], full: bool, adapted: bool = False) -> dict[str, Any]:
+    from contextlib import nullcontext
+
     import torch
 
-    if adapted:  # glibc's heap thresholds where actstore's ingest puts them
-        from actstore.store.heap import adapt_thresholds
+    from actstore.store.heap import adapt_thresholds, keep_heap_top
 
+    if adapted:  # glibc's heap settings where actstore's ingest puts them
         adapt_thresholds()
     model, ids = _model_and_ids(cfg)
     run = model if full else model.transformer
     t0 = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), keep_heap_top() if adapted else nullcontext():
         for x in _batches(ids, cfg["batch"]):
             run(x, use_cache=False)  # the least work: no KV cache to fill
     return {"loop_s": time.perf_counter() - t0}

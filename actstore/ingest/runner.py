@@ -78,7 +78,7 @@ from actstore.ingest.summary import IngestSummary, RunSummary
 from actstore.ingest.token_kl import TokenDiffs, check_store
 from actstore.store import objects
 from actstore.store.arrays import import_zarr
-from actstore.store.heap import adapt_thresholds, slack_from_env
+from actstore.store.heap import adapt_thresholds, keep_heap_top, slack_from_env
 
 TORCH_STORE = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -505,7 +505,10 @@ def run_job(
         check_store(st, job.token_diffs, [ps.spec.name for ps in p.prompt_sets])
         if edit is not None and not isinstance(edit, EditContext | list):
             edit = edit(st)  # records the edit: only once the job is known to be good
-        return _run_all(st, p, job, model_name, weights, edit, sh, quiet, t0)
+        import_zarr()  # once, as the models load: not on the first run's clock
+        adapt_thresholds()  # the model's temporaries reuse heap pages (actstore.store.heap)
+        with keep_heap_top():  # and keep them between batches (HeapBound bounds them)
+            return _run_all(st, p, job, model_name, weights, edit, sh, quiet, t0)
 
 
 def _run_name(label: str, ps: PromptSet, edit: EditContext | None) -> str:
@@ -530,8 +533,6 @@ def _run_all(
     quiet: bool,
     t0: float,
 ) -> IngestSummary:
-    import_zarr()  # once, as the models load: not on the first run's clock
-    adapt_thresholds()  # the model's temporaries reuse heap pages (actstore.store.heap)
     model_id = objects.add_model(
         st,
         name=model_name,

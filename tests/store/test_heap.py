@@ -180,3 +180,68 @@ def test_bytes_the_owner_holds_are_not_growth() -> None:
     bound.hold(0)
     assert bound.after_batch() is True  # the same memory, not held: past the slack
     del block
+
+
+# In a fresh interpreter: touch six 16 MiB blocks (heap-served once the thresholds are
+# adapted) at the top of the heap and free them. glibc trims a top of more than 64 MiB
+# on free, unless keep_heap_top holds it; then malloc_trim (HeapBound's release) still
+# gives it back, and after the context glibc trims again.
+KEEP_CHILD = r"""
+import ctypes, json, sys
+sys.path[:0] = [sys.argv[1]]
+from actstore.store import heap
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+
+def freed_mib(release=False):
+    blocks = [libc.malloc(16 << 20) for _ in range(6)]
+    for b in blocks:
+        ctypes.memset(b, 1, 16 << 20)
+    before = heap.resident_anon_bytes()
+    for b in reversed(blocks):
+        libc.free(b)
+    if release:
+        heap.release_freed_memory()
+    return (before - heap.resident_anon_bytes()) / 2**20
+
+out = {"adapted": heap.adapt_thresholds(), "plain": freed_mib()}
+with heap.keep_heap_top() as kept:
+    with heap.keep_heap_top() as inner:
+        out["kept"], out["inner"] = kept, inner
+        out["inside"] = freed_mib()
+    out["after_inner"] = freed_mib()
+    out["released"] = freed_mib(release=True)
+out["after"] = freed_mib()
+print(json.dumps(out))
+"""
+
+
+def _keep_child(**malloc_env: str) -> dict:
+    root = str(Path(heap.__file__).parents[2])
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+    out = subprocess.run(
+        [sys.executable, "-c", KEEP_CHILD, root],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        env={**env, **malloc_env},
+    )
+    return json.loads(out.stdout)
+
+
+def test_keep_heap_top_keeps_the_freed_top_until_a_release() -> None:
+    got = _keep_child()
+    assert got["adapted"] and got["kept"] and got["inner"]
+    assert got["plain"] > 48  # glibc trimmed the top each time more than 64 MiB was free
+    assert got["inside"] < 8 and got["after_inner"] < 8  # kept, also once the inner one left
+    assert got["released"] > 80  # malloc_trim still gives it back
+    assert got["after"] > 48  # the threshold is back: glibc trims on free again
+
+
+def test_keep_heap_top_leaves_thresholds_someone_set() -> None:
+    got = _keep_child(MALLOC_TRIM_THRESHOLD_="65536")
+    assert got["kept"] is False and got["inner"] is False
+    assert got["inside"] > 80  # the environment's threshold (64 KiB) still trims
