@@ -391,6 +391,8 @@ def _ingest_run(
                 },
                 ready,
             )
+            # this batch's activations go before the next pass allocates around them
+            del acts, logits, rows_ND, cast_ND, arrays, ridden
             done = sum(len(tp.ids) for tp in batch)
             n_tokens += done
             bar.update(done)

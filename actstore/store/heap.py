@@ -222,9 +222,9 @@ def keep_heap_top() -> Iterator[bool]:
     pass frees about that much at the top after every layer or batch (a GPT-2-small
     layer's MLP temporaries for 1,024 tokens are about 50 MiB; the captured
     activations the ingest keeps shift where they land), so in some processes every
-    batch gave its pages back and faulted them in again: 1.3-2.1M page faults per
+    batch gave its pages back and faulted them in again: 0.4-2.1M page faults per
     256-prompt run on the benchmark machine, against about 60k for the bare forward
-    pass. Inside this context the trim threshold is out of reach, so freed pages stay
+    pass (0.2-0.3M inside this context, a release of the bound included). Inside this context the trim threshold is out of reach, so freed pages stay
     for the next batch; :class:`HeapBound` (the writer's, ``malloc_trim(0)``) still
     bounds what they add up to. On leaving, the threshold goes back to the value
     glibc itself sets after :func:`adapt_thresholds`. Nothing changes where glibc's
