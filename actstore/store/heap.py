@@ -190,10 +190,11 @@ def _heap_serves(nbytes: int) -> bool:
     except AttributeError:  # glibc < 2.33: cannot tell, so change nothing
         return False
     info.restype = _MallInfo2
+    before = info().hblkhd  # bytes in mapped blocks (a model's largest tensors may be some)
     block = _LIBC.malloc(nbytes)  # never touched: costs no memory
     if not block:
         return False
-    mapped = info().hblkhd
+    mapped = info().hblkhd - before
     _LIBC.free(block)
     return mapped < nbytes  # a mapped block would count whole in hblkhd
 
@@ -224,9 +225,10 @@ def keep_heap_top() -> Iterator[bool]:
     activations the ingest keeps shift where they land), so in some processes every
     batch gave its pages back and faulted them in again: 0.4-2.1M page faults per
     256-prompt run on the benchmark machine, against about 60k for the bare forward
-    pass (0.2-0.3M inside this context, a release of the bound included). Inside this context the trim threshold is out of reach, so freed pages stay
-    for the next batch; :class:`HeapBound` (the writer's, ``malloc_trim(0)``) still
-    bounds what they add up to. On leaving, the threshold goes back to the value
+    pass (0.2-0.3M inside this context, a release of the bound included). Inside
+    this context the trim threshold is out of reach, so freed pages stay for the
+    next batch; :class:`HeapBound` (the writer's, ``malloc_trim(0)``) still bounds
+    what they add up to. On leaving, the threshold goes back to the value
     glibc itself sets after :func:`adapt_thresholds`. Nothing changes where glibc's
     thresholds are not adaptive (set by ``mallopt`` or ``MALLOC_*_`` environment
     variables: a 20 MiB block is then not served from the heap), nor without glibc.

@@ -206,6 +206,7 @@ def freed_mib(release=False):
         heap.release_freed_memory()
     return (before - heap.resident_anon_bytes()) / 2**20
 
+held = libc.malloc(100 << 20) if sys.argv[2:] == ["mapped"] else None  # a mapped block, kept
 out = {"adapted": heap.adapt_thresholds(), "plain": freed_mib()}
 with heap.keep_heap_top() as kept:
     with heap.keep_heap_top() as inner:
@@ -218,11 +219,11 @@ print(json.dumps(out))
 """
 
 
-def _keep_child(**malloc_env: str) -> dict:
+def _keep_child(*args: str, **malloc_env: str) -> dict:
     root = str(Path(heap.__file__).parents[2])
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
     out = subprocess.run(
-        [sys.executable, "-c", KEEP_CHILD, root],
+        [sys.executable, "-c", KEEP_CHILD, root, *args],
         capture_output=True,
         text=True,
         check=True,
@@ -232,8 +233,10 @@ def _keep_child(**malloc_env: str) -> dict:
     return json.loads(out.stdout)
 
 
-def test_keep_heap_top_keeps_the_freed_top_until_a_release() -> None:
-    got = _keep_child()
+@pytest.mark.parametrize("mapped", [False, True])
+def test_keep_heap_top_keeps_the_freed_top_until_a_release(mapped: bool) -> None:
+    # mapped: a 100 MiB block (over the mmap threshold, as a model's largest tensors) is held
+    got = _keep_child(*(["mapped"] if mapped else []))
     assert got["adapted"] and got["kept"] and got["inner"]
     assert got["plain"] > 48  # glibc trimmed the top each time more than 64 MiB was free
     assert got["inside"] < 8 and got["after_inner"] < 8  # kept, also once the inner one left
