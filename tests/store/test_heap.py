@@ -143,11 +143,12 @@ libc.free(block)
 """
 
 
-def _adapt_child(mode: str, **malloc_env: str) -> dict:
+def _child(script: str, *args: str, **malloc_env: str) -> dict:
+    """Run ``script`` in a fresh interpreter (its own heap), only ``malloc_env`` of MALLOC_*."""
     root = str(Path(heap.__file__).parents[2])
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
     out = subprocess.run(
-        [sys.executable, "-c", ADAPT_CHILD, root, mode],
+        [sys.executable, "-c", script, root, *args],
         capture_output=True,
         text=True,
         check=True,
@@ -219,18 +220,12 @@ print(json.dumps(out))
 """
 
 
+def _adapt_child(mode: str, **malloc_env: str) -> dict:
+    return _child(ADAPT_CHILD, mode, **malloc_env)
+
+
 def _keep_child(*args: str, **malloc_env: str) -> dict:
-    root = str(Path(heap.__file__).parents[2])
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
-    out = subprocess.run(
-        [sys.executable, "-c", KEEP_CHILD, root, *args],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-        env={**env, **malloc_env},
-    )
-    return json.loads(out.stdout)
+    return _child(KEEP_CHILD, *args, **malloc_env)
 
 
 @pytest.mark.parametrize("mapped", [False, True])
