@@ -51,6 +51,7 @@ import numpy as np
 
 from actstore.errors import CorruptChunkError, InputError
 from actstore.store import arrays as _arrays
+from actstore.store.mapped import MappedArray
 from actstore.store.shardio import RawShardLayout, parse_layout
 
 if TYPE_CHECKING:  # zarr is imported when an array is opened (actstore.store.arrays)
@@ -357,7 +358,7 @@ def _gather(
 
 
 def read_rows(
-    arr: zarr.Array,
+    arr: zarr.Array | MappedArray,
     rows: np.ndarray | slice | Any,
     *,
     name: str | None = None,
@@ -372,7 +373,8 @@ def read_rows(
     Parameters
     ----------
     arr
-        The array (as returned by ``Store.array``).
+        The array (as returned by ``Store.array``), or a raw sharded one opened from
+        its metadata alone (:func:`actstore.store.mapped.open_mapped`).
     rows
         Row numbers (any order, repeats allowed) or a slice.
     name
@@ -398,10 +400,13 @@ def read_rows(
     >>> read_rows(a, [2, 2]).astype(float).tolist()
     [[1.0, 1.0], [1.0, 1.0]]
     """
-    lay = shard_layout(arr)
-    if lay is None:
-        return _arrays.read_rows(arr, rows, name=name, out=out, committed=committed)
-    name = name or str(arr.store)
+    if isinstance(arr, MappedArray):  # opened without zarr (actstore.store.mapped)
+        lay, name = arr.layout, name or arr.path
+    else:
+        got = shard_layout(arr)
+        if got is None:
+            return _arrays.read_rows(arr, rows, name=name, out=out, committed=committed)
+        lay, name = got, name or str(arr.store)
     if isinstance(rows, slice):
         rows = np.arange(*rows.indices(lay.n_rows))
     rows_N = np.asarray(rows, dtype=np.int64).ravel()

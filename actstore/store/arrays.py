@@ -44,6 +44,8 @@ from actstore.store.location import Location
 if TYPE_CHECKING:  # zarr is imported when an array is first created or opened
     import zarr
 
+    from actstore.store.mapped import MappedArray
+
 
 class _StoreDtypes(Mapping[str, "np.dtype[Any]"]):
     """``{"float16": ..., "float32": ..., "bfloat16": ...}``; ml_dtypes (slow to import: its
@@ -265,7 +267,7 @@ def open_array(root: str | Path | Location, relpath: str, mode: str = "r+") -> z
     return arr.with_config({"write_empty_chunks": True})
 
 
-def logical_dtype(arr: zarr.Array) -> str:
+def logical_dtype(arr: zarr.Array | MappedArray) -> str:
     """The dtype the array's values mean (``bfloat16`` for a uint16-stored array).
 
     Example

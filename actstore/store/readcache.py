@@ -52,6 +52,7 @@ import pyarrow as pa
 
 from actstore.errors import HookNotFoundError, RunNotFoundError
 from actstore.store import arrays as _arrays
+from actstore.store import mapped as _mapped
 from actstore.store.catalog import damaged_catalog, query_arrow
 from actstore.store.ids import as_id
 from actstore.store.predicate import predicate_or_true
@@ -314,6 +315,28 @@ class ReadCache:
             if arr is None:
                 arr = _arrays.open_array(self._store.location, path, mode="r")
                 self._opened[path] = arr
+            return arr, info
+
+    def reader(self, run: str | int, hook: str) -> tuple[Any, dict[str, Any]]:
+        """The array of (run, hook) for reading rows, and its row: a raw sharded array on
+        the local disk opened from its ``zarr.json`` (no zarr import,
+        :mod:`actstore.store.mapped`), any other opened with zarr (:meth:`array`).
+
+        Example
+        -------
+        >>> arr, info = st.reads.reader("backdoored/pairs", "blocks.2.hook_resid_post")  # doctest: +SKIP
+        >>> type(arr).__name__  # doctest: +SKIP
+        'MappedArray'
+        """
+        with self._lock:
+            info = self.array_info(run, hook)
+            key = "mapped:" + str(info["path"])
+            arr = self._opened.get(key)
+            if arr is None:
+                arr = _mapped.open_mapped(self._store.location, str(info["path"]))
+                if arr is None:
+                    return self.array(run, hook)
+                self._opened[key] = arr
             return arr, info
 
 

@@ -65,6 +65,7 @@ __all__ = [
     "TEMPORARY_GLOB",
     "RawShardLayout",
     "ShardStream",
+    "layout_from_metadata",
     "parse_layout",
     "raw_layout",
     "shard_bytes",
@@ -195,10 +196,33 @@ def parse_layout(arr: zarr.Array) -> RawShardLayout | None:
     meta = arr.metadata
     if getattr(meta, "zarr_format", None) != 3 or not isinstance(arr.store, LocalStore):
         return None
-    if len(arr.shape) != 2:
-        return None
+    directory = Path(arr.store.root) / arr.path
     md: dict[str, Any] = dict(meta.to_dict())
-    if md.get("storage_transformers"):
+    return layout_from_metadata(
+        md, directory, np.dtype(arr.dtype), list(arr.shape), meta.fill_value
+    )
+
+
+def layout_from_metadata(
+    md: dict[str, Any], directory: Path, dtype: np.dtype[Any], shape: list[int], fill_value: Any
+) -> RawShardLayout | None:
+    """The raw shard layout a Zarr v3 array metadata document describes, or None.
+
+    ``md`` is the document (``zarr.json``, or zarr's parsed metadata as a dict);
+    ``dtype``, ``shape`` and ``fill_value`` are its data type, shape and fill value,
+    parsed. The rules of :func:`parse_layout`, shared with the zarr-free opener
+    :func:`actstore.store.mapped.open_mapped`.
+
+    Example
+    -------
+    >>> import json, tempfile
+    >>> from actstore.store import arrays
+    >>> r = tempfile.mkdtemp(); _ = arrays.create_array(r, "a", d=8, dtype="float16", capacity=0)
+    >>> md = json.loads((Path(r) / "a" / "zarr.json").read_text())
+    >>> layout_from_metadata(md, Path(r) / "a", np.dtype("float16"), [0, 8], 0.0).shard_rows
+    2097152
+    """
+    if len(shape) != 2 or md.get("storage_transformers"):
         return None
     enc: dict[str, Any] = md.get("chunk_key_encoding") or {}
     if enc.get("name") != "default" or (enc.get("configuration") or {}).get("separator") != "/":
@@ -207,7 +231,7 @@ def parse_layout(arr: zarr.Array) -> RawShardLayout | None:
     if len(codecs) != 1 or not _is_codec(codecs[0], "sharding_indexed"):
         return None
     conf: dict[str, Any] = codecs[0].get("configuration") or {}
-    dtype = np.dtype(arr.dtype).newbyteorder("<")
+    dtype = dtype.newbyteorder("<")
     inner = list(conf.get("codecs") or [])
     index = list(conf.get("index_codecs") or [])
     if not (
@@ -220,7 +244,7 @@ def parse_layout(arr: zarr.Array) -> RawShardLayout | None:
         and conf.get("index_location", "end") == "end"
     ):
         return None
-    n, d = (int(x) for x in arr.shape)
+    n, d = (int(x) for x in shape)
     chunk = [int(x) for x in conf.get("chunk_shape") or ()]
     grid: dict[str, Any] = md.get("chunk_grid") or {}
     shard = [int(x) for x in (grid.get("configuration") or {}).get("chunk_shape") or ()]
@@ -229,13 +253,13 @@ def parse_layout(arr: zarr.Array) -> RawShardLayout | None:
     if chunk[1] != d or shard[1] != d or chunk[0] <= 0 or shard[0] % chunk[0]:
         return None
     return RawShardLayout(
-        directory=Path(arr.store.root) / arr.path,
+        directory=directory,
         n_rows=n,
         d=d,
         dtype=dtype,
         chunk_rows=chunk[0],
         shard_rows=shard[0],
-        fill_value=meta.fill_value,
+        fill_value=fill_value,
     )
 
 

@@ -315,7 +315,7 @@ class Store:
         >>> a.numpy().shape  # doctest: +SKIP
         (60, 64)
         """
-        arr, info = self.array(run, hook)
+        arr, info = self.reads.reader(run, hook)
         rid, n = int(info["run_id"]), int(info["n_rows"])
         if rows is not None:
             if where is not None:
@@ -349,7 +349,7 @@ class Store:
         -------
         >>> total = sum(a.numpy(np.float32).sum(0) for a in st.iter_acts("r", "h"))  # doctest: +SKIP
         """
-        arr, info = self.array(run, hook)
+        arr, info = self.reads.reader(run, hook)
         rid = int(info["run_id"])
         sel = _reads.rows_where(self, rid, int(info["n_rows"]), where, params)
         name = f"{info['path']} (run {run!r}, hook {hook!r})"

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from actstore.errors import CorruptChunkError, InputError
-from actstore.store import access, arrays
+from actstore.store import access, arrays, mapped
 
 
 @settings(
@@ -57,6 +57,15 @@ def test_fast_reads_equal_zarr_reads(
     slow = arrays.read_rows(arr, want, name="x")
     assert fast.dtype == slow.dtype and fast.shape == slow.shape
     np.testing.assert_array_equal(fast.view(np.uint8), slow.view(np.uint8))
+    # the same array opened from its zarr.json alone (no zarr): the same layout and bytes
+    lay, m = access.shard_layout(arr), mapped.open_mapped(root, "x")
+    assert (m is not None) == (lay is not None)
+    if m is not None:
+        assert m.layout == lay and m.layout.fill_value.dtype == lay.fill_value.dtype
+        assert dict(m.attrs) == dict(arr.attrs) and m.shape == arr.shape
+        got = access.read_rows(m, want, name="x")
+        np.testing.assert_array_equal(got.view(np.uint8), slow.view(np.uint8))
+        assert got.dtype == slow.dtype
     if total:
         everything = access.read_rows(arr, slice(None))
         np.testing.assert_array_equal(everything[:n].view(np.uint8), data.view(np.uint8))
