@@ -37,7 +37,7 @@ from typing import Any
 
 import duckdb
 
-__all__ = ["ALIAS", "attached"]
+__all__ = ["ALIAS", "attached", "cursor"]
 
 ALIAS = "cat"
 """The name the attached catalog has (and the one in ``USE``) for the operation."""
@@ -104,6 +104,42 @@ def attached(
                 yield con
         except BaseException:
             if _still_attached(cur):  # a detach that failed: start afresh next time
+                _drop_instance()
+            raise
+        finally:
+            cur.close()
+    finally:
+        _GUARD.release()
+
+
+@contextmanager
+def cursor() -> Iterator[duckdb.DuckDBPyConnection]:
+    """A cursor of this process's DuckDB, for a caller that attaches the file itself.
+
+    As for :func:`attached`: while that DuckDB is in use (another thread, or nested)
+    the caller gets a DuckDB of its own. Whatever the caller attaches it must detach
+    (as ``Catalog.attached`` does, under the name :data:`ALIAS`); a failure that
+    leaves it attached drops this process's DuckDB.
+
+    Example
+    -------
+    >>> with cursor() as con:
+    ...     con.execute("SELECT 42").fetchall()
+    [(42,)]
+    """
+    if not _GUARD.acquire(blocking=False):
+        own = duckdb.connect()
+        try:
+            yield own
+        finally:
+            own.close()
+        return
+    try:
+        cur = _instance().cursor()
+        try:
+            yield cur
+        except BaseException:
+            if _still_attached(cur):
                 _drop_instance()
             raise
         finally:
