@@ -89,27 +89,8 @@ def attached(
     ...     con.execute("SELECT count(*) FROM runs").fetchall()
     [(3,)]
     """
-    if not _GUARD.acquire(blocking=False):  # in use by another thread, or nested
-        own = duckdb.connect()
-        try:
-            with _attached_to(own, path, read_only, retry) as con:
-                yield con
-        finally:
-            own.close()
-        return
-    try:
-        cur = _instance().cursor()
-        try:
-            with _attached_to(cur, path, read_only, retry) as con:
-                yield con
-        except BaseException:
-            if _still_attached(cur):  # a detach that failed: start afresh next time
-                _drop_instance()
-            raise
-        finally:
-            cur.close()
-    finally:
-        _GUARD.release()
+    with cursor() as cur, _attached_to(cur, path, read_only, retry) as con:
+        yield con
 
 
 @contextmanager

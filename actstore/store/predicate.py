@@ -158,6 +158,21 @@ def expression(text: str, *, what: str) -> str:
     """
     if not isinstance(text, str) or not text.strip():
         raise InputError(f"{what} must be a non-empty SQL expression, not {text!r}")
+    if text in _ACCEPTED:  # checked before: the check depends on the text alone
+        return f"(\n{text}\n)"
+    wrapped = _checked(text, what)
+    with _parser_lock:
+        if len(_ACCEPTED) >= 4096:
+            _ACCEPTED.clear()
+        _ACCEPTED.add(text)
+    return wrapped
+
+
+#: Fragments :func:`expression` accepted (a repeated ``where=`` skips DuckDB's parser).
+_ACCEPTED: set[str] = set()
+
+
+def _checked(text: str, what: str) -> str:
     wrapped = f"(\n{text}\n)"
     parsed = parse_sql(f"SELECT {wrapped}")
     if parsed.get("error"):

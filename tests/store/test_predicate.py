@@ -63,3 +63,19 @@ def test_anything_else_is_refused_in_one_line(text, why):
 def test_none_is_every_row():
     assert predicate_or_true(None, what="where") == "true"
     assert predicate_or_true("  ", what="where") == "true"
+
+
+def test_an_accepted_fragment_is_not_parsed_again_and_a_refused_one_always_is(monkeypatch):
+    from actstore.store import predicate
+
+    text = "token_id < 153 AND position > 1"
+    first = predicate.expression(text, what="where")
+    calls = []
+    real = predicate.parse_sql
+    monkeypatch.setattr(predicate, "parse_sql", lambda sql: calls.append(sql) or real(sql))
+    assert predicate.expression(text, what="where") == first
+    assert calls == []  # remembered: the check depends on the text alone
+    for _ in range(2):
+        with pytest.raises(InputError, match="not one SQL expression"):
+            predicate.expression("1; DROP TABLE runs", what="where")
+    assert len(calls) == 2  # a refusal is never remembered as accepted
