@@ -48,7 +48,7 @@ the run's fixed costs, a few tenths of a second, amortised): the bare body, the 
 ratios of ``run_job`` to each bare body. Then peak RSS of ``run_job`` against prompt count
 (``--rss-prompts``).
 
-Usage: ``python benchmarks/bench_peers.py`` (about 10-14 minutes on 2 cores), or
+Usage: ``python benchmarks/bench_peers.py`` (about 20-25 minutes on 2 cores), or
 ``--quick`` for a smoke run (16 prompts, one round; writes ``results/peers_quick.*``).
 Writes ``benchmarks/results/peers.json`` and ``peers.md`` (the markdown table, also printed).
 Needs the ``bench`` extra (``pip install -e '.[bench]'``: nnsight, TransformerLens).
@@ -466,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         "--width", type=int, default=768, help="d_model (heads of 64); 1024: GPT-2-medium"
     )
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=None, help="default 3 (quick 1)")
+    ap.add_argument("--rounds", type=int, default=None, help="default 5 (quick 1)")
     ap.add_argument(
         "--rss-prompts", default=None, help="comma-separated (default 64,256,768; quick 16,48)"
     )
@@ -495,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     n = args.prompts or (16 if args.quick else 64)
-    rounds = args.rounds or (1 if args.quick else 3)
+    rounds = args.rounds or (1 if args.quick else 5)
     counts = [
         int(x) for x in (args.rss_prompts or ("16,48" if args.quick else "64,256,768")).split(",")
     ]
