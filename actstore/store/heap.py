@@ -298,10 +298,12 @@ class HeapBound:
     def after_batch(self) -> bool:
         """Release if memory grew past the bound; True if it released (or cannot measure).
 
-        The first batch, and the first after a release, measures the level instead:
-        the pages its work touched (the model's working set, the same every batch)
-        are in use, not growth, so a release waits for real growth rather than
-        taking them back each time.
+        The first batch measures the level instead: the pages its work touched (the
+        model's working set, the same every batch) are in use, not growth, so a
+        release waits for real growth rather than taking them back each time. The
+        first batch after a release measures again, and the level only comes down
+        (unless the trimmed heap itself is past the bound), so the peak of a long run
+        does not creep up release by release.
 
         Example
         -------
@@ -314,7 +316,15 @@ class HeapBound:
             return True
         if self._rebase:
             self._rebase = False
-            self._base = now - self._held
+            level = now - self._held
+            # after a release the level only comes down: the batch that measures it lands
+            # wherever that moment's work leaves it, and a higher one would let the peak
+            # creep up release by release; unless the trimmed heap itself sits past the
+            # bound (then that is the level, rather than a release every batch)
+            if self.releases == 0 or level > self._base + self.slack:
+                self._base = level
+            else:
+                self._base = min(self._base, level)
             return False
         if now - self._held - self._base <= self.slack:
             return False

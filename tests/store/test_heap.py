@@ -109,6 +109,30 @@ def test_the_first_batch_measures_the_level(released: bool) -> None:
     del work, more
 
 
+def test_the_level_does_not_creep_up_release_by_release() -> None:
+    """A batch measured right after a release can land higher than the first level (what
+    is in use at that moment); the bound stays the first level's, so the peak of a long
+    run does not grow with its releases. Unless the trimmed heap itself is past the bound:
+    then that is the level, and the next batches do not release again."""
+    import numpy as np
+
+    b = heap.HeapBound(slack=128 << 20)
+    assert b.after_batch() is False  # the level L
+    held = np.ones(64 << 17)  # L + 64 MiB in use: within the slack
+    assert b.after_batch() is False
+    b.release()
+    assert b.after_batch() is False  # measures L + 64 MiB: the level stays L
+    more = np.ones(100 << 17)  # L + 164 MiB: past L + 128 (not past L + 64 + 128)
+    assert b.after_batch() is True and b.releases == 2
+    b2 = heap.HeapBound(slack=32 << 20)
+    assert b2.after_batch() is False
+    big = np.ones(64 << 17)  # 64 MiB in use, past the 32 MiB slack: released, and kept
+    assert b2.after_batch() is True
+    assert b2.after_batch() is False and b2.after_batch() is False  # the new level
+    assert b2.releases == 1
+    del held, more, big
+
+
 def test_slack_from_the_environment(monkeypatch) -> None:
     from actstore.errors import InputError
 
