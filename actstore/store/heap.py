@@ -277,7 +277,8 @@ class HeapBound:
         self.releases = 0
         self._held = 0
         self._base = 0  # the level bounded, measured by after_batch
-        self._rebase = True  # the first batch (and the first after a release) measures the level
+        # the first batch measures the level (again after a release: it only comes down)
+        self._rebase = True
 
     def hold(self, nbytes: int) -> None:
         """The owner now keeps ``nbytes`` in use (its shard buffers): not counted as growth.
