@@ -326,12 +326,12 @@ class ReadCache:
         """
         with self._lock:
             info = self.array_info(run, hook)
-            key = "mapped:" + str(info["path"])
+            key = "reader:" + str(info["path"])
             arr = self._opened.get(key)
-            if arr is None:
+            if arr is None:  # either way once per commit (not zarr.json read again per call)
                 arr = _mapped.open_mapped(self._store.location, str(info["path"]))
                 if arr is None:
-                    return self.array(run, hook)
+                    arr = self.array(run, hook)[0]
                 self._opened[key] = arr
             return arr, info
 
